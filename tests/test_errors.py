@@ -1,0 +1,104 @@
+"""Bad inputs fail before the first optimizer step, with a message that names the problem."""
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+
+from nbtrain import Trainer, TrainerCallback, TrainingArguments
+
+
+class StepRecorder(TrainerCallback):
+    "Records the step events the loop fires: none may fire when the run is refused."
+    def __init__(self): self.events = []
+    def on_step_begin(self, args, state, control, **kwargs): self.events.append("step_begin")
+    def on_optimizer_step(self, args, state, control, **kwargs): self.events.append("optimizer_step")
+
+
+def accuracy(p):
+    return {"accuracy": float((np.argmax(p.predictions, axis=-1) == p.label_ids).mean())}
+
+
+def assert_refused_at_train(tiny, trainer, match, exc=ValueError):
+    "train() raises `exc` matching `match`, and nothing was stepped: weights, step count and events unchanged."
+    recorder = StepRecorder()
+    trainer.add_callback(recorder)
+    before = tiny.snapshot(trainer.model)
+    with pytest.raises(exc, match=match):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert recorder.events == []
+    assert tiny.same_weights(trainer.model, before)
+
+
+def test_no_labels_column(tiny, make_args):
+    cols = tiny.columns(16)
+    del cols["label"]
+    trainer = Trainer(tiny.bert(), make_args(), train_dataset=Dataset.from_dict(cols))
+    assert_refused_at_train(tiny, trainer, r"returned no loss.*no labels column.*Name the target column 'labels'")
+
+
+def test_text_column_kept_without_tokenizer(tiny, make_args):
+    cols = tiny.columns(16)
+    cols["text"] = [f"review number {i}" for i in range(16)]
+    trainer = Trainer(tiny.bert(), make_args(remove_unused_columns=False), train_dataset=Dataset.from_dict(cols))
+    assert_refused_at_train(tiny, trainer, r"column 'text' holds text.*Tokenize it first")
+
+
+def test_empty_train_dataset(tiny, make_args):
+    empty = tiny.dataset(16).select([])
+    assert len(empty) == 0
+    trainer = Trainer(tiny.bert(), make_args(), train_dataset=empty)
+    assert_refused_at_train(tiny, trainer, r"train_dataset is empty \(0 examples\)")
+
+
+def test_empty_list_train_dataset(tiny, make_args):
+    trainer = Trainer(tiny.bert(), make_args(), train_dataset=[])
+    assert_refused_at_train(tiny, trainer, r"train_dataset is empty \(0 examples\)")
+
+
+def test_eval_strategy_without_eval_dataset(tiny, make_args):
+    model = tiny.bert()
+    before = tiny.snapshot(model)
+    with pytest.raises(ValueError, match=r"eval_strategy='epoch' but no eval_dataset was given.*eval_dataset=\.\.\."):
+        Trainer(model, make_args(eval_strategy="epoch"), train_dataset=tiny.dataset(16))
+    assert tiny.same_weights(model, before)
+
+
+def test_model_is_a_string(tiny, make_args):
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module, got str"):
+        Trainer("bert-base-uncased", make_args(), train_dataset=tiny.dataset(16))
+
+
+def test_model_is_a_class(tiny, make_args):
+    from transformers import BertForSequenceClassification
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module.*a model class: instantiate it"):
+        Trainer(BertForSequenceClassification, make_args(), train_dataset=tiny.dataset(16))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is valid where CUDA is available")
+def test_fp16_without_cuda(tmp_path):
+    with pytest.raises(ValueError, match=r"fp16=True needs a CUDA GPU"):
+        TrainingArguments(output_dir=str(tmp_path), fp16=True)
+
+
+@pytest.mark.parametrize("wrong, right", [("learning_rat", "learning_rate"),
+                                          ("num_train_epoch", "num_train_epochs"),
+                                          ("evaluation_stratgy", "eval_strategy")])
+def test_unknown_training_argument_suggests_closest(tmp_path, wrong, right):
+    with pytest.raises(TypeError, match=rf"unknown argument '{wrong}'\. Did you mean '{right}'\?"):
+        TrainingArguments(output_dir=str(tmp_path), **{wrong: 1})
+
+
+def test_metric_for_best_model_never_computed(tiny, make_args):
+    trainer = Trainer(tiny.bert(), make_args(eval_strategy="epoch", metric_for_best_model="f1"),
+                      train_dataset=tiny.dataset(16), eval_dataset=tiny.dataset(8, seed=1), compute_metrics=accuracy)
+    assert_refused_at_train(tiny, trainer, r"metric_for_best_model='f1' is never computed.*'accuracy'")
+
+
+def test_metric_for_best_model_that_is_computed_trains(tiny, make_args):
+    # the counterpart of the test above: the same run naming a computed metric does train
+    trainer = Trainer(tiny.bert(), make_args(eval_strategy="epoch", metric_for_best_model="accuracy", num_train_epochs=1),
+                      train_dataset=tiny.dataset(16), eval_dataset=tiny.dataset(8, seed=1), compute_metrics=accuracy)
+    trainer.train()
+    assert trainer.state.global_step == 2
+    assert any("eval_accuracy" in h for h in trainer.state.log_history)
