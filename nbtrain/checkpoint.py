@@ -21,15 +21,20 @@ from safetensors.torch import load_file, save_file
 from .events import TrainerCallback, TrainerState, is_better, metric_value
 
 # %% auto #0
-__all__ = ['PREFIX', 'MARKER', 'WEIGHTS', 'optimizer_to_files', 'optimizer_from_files', 'rng_to_files', 'rng_from_files',
-           'save_weights', 'load_weights', 'is_complete', 'list_checkpoints', 'latest_checkpoint', 'save_checkpoint',
-           'rotate_checkpoints', 'resolve_checkpoint', 'load_checkpoint', 'restore_training', 'CheckpointCallback']
+__all__ = ['PREFIX', 'MARKER', 'WEIGHTS', 'CheckpointError', 'optimizer_to_files', 'optimizer_from_files', 'rng_to_files',
+           'rng_from_files', 'save_weights', 'check_weight_files', 'weights_mismatch', 'read_weights', 'load_weights',
+           'is_complete', 'list_checkpoints', 'latest_checkpoint', 'clean_leftovers', 'save_checkpoint',
+           'rotate_checkpoints', 'resolve_checkpoint', 'load_checkpoint', 'restore_training', 'read_loop_state',
+           'CheckpointCallback']
 
 # %% ../nbs/04_checkpoint.ipynb #6898e118
 PREFIX = "checkpoint"
 MARKER = "COMPLETE"
 WEIGHTS = "model.safetensors"
 _STEP = re.compile(rf"^{PREFIX}-(\d+)$")
+
+class CheckpointError(ValueError):
+    "A checkpoint that cannot be used: damaged, incomplete, or not made for this model."
 
 def _fsync_tree(folder: Path):
     for p in folder.rglob("*"):
@@ -45,6 +50,38 @@ def _fsync_dir(folder: Path):
 def _write_json(path: Path, obj):
     path.write_text(json.dumps(obj, indent=2, sort_keys=True))
 
+def _tag(obj):
+    "Tuples as `{\"__tuple__\": [...]}`: JSON has only lists, and a state dict read back must equal the one saved."
+    if isinstance(obj, tuple): return {"__tuple__": [_tag(v) for v in obj]}
+    if isinstance(obj, list): return [_tag(v) for v in obj]
+    if isinstance(obj, dict): return {k: _tag(v) for k, v in obj.items()}
+    return obj
+
+def _untag(d: dict):
+    return tuple(d["__tuple__"]) if d.keys() == {"__tuple__"} else d
+
+def _write_state(path: Path, obj):
+    "A state dict of plain values as JSON, tuples kept."
+    _write_json(path, _tag(obj))
+
+def _read_json(path: Path, hook=None):
+    "JSON from `path`; a file that is not JSON (or is cut short) is an error that names it."
+    try: return json.loads(path.read_text(), object_hook=hook)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({type(e).__name__}: {e}); the file is damaged or was "
+                              "replaced. Use another checkpoint.") from e
+
+def _read_state(path: Path): return _read_json(path, _untag)
+
+def _load_tensors(path: Path) -> dict:
+    "`safetensors.torch.load_file`, with an error that names the file when it is damaged, cut short or not safetensors."
+    try: return load_file(path)
+    except Exception as e:
+        size = path.stat().st_size if path.exists() else None
+        raise CheckpointError(f"{path} cannot be read as safetensors ({size} bytes; {type(e).__name__}: {e}). The file is "
+                              "truncated, damaged or not a safetensors file (a pickle is never loaded). Use another "
+                              "checkpoint.") from e
+
 # %% ../nbs/04_checkpoint.ipynb #f865b07c
 def optimizer_to_files(optimizer, folder: Path):
     "Write an optimizer's state as `optimizer.safetensors` + `optimizer.json`."
@@ -54,17 +91,24 @@ def optimizer_to_files(optimizer, folder: Path):
         for k, v in st.items():
             if isinstance(v, torch.Tensor): tensors[f"state.{pid}.{k}"] = v.detach().contiguous().cpu()
             else: plain.setdefault(str(pid), {})[k] = v
+    groups = []
+    for i, g in enumerate(sd["param_groups"]):  # e.g. a tensor learning rate (capturable optimizers)
+        groups.append({k: v for k, v in g.items() if not isinstance(v, torch.Tensor)})
+        for k, v in g.items():
+            if isinstance(v, torch.Tensor): tensors[f"group.{i}.{k}"] = v.detach().contiguous().cpu()
     save_file(tensors, folder / "optimizer.safetensors")
-    _write_json(folder / "optimizer.json", {"param_groups": sd["param_groups"], "state": plain})
+    _write_state(folder / "optimizer.json", {"param_groups": groups, "state": plain})
 
 def optimizer_from_files(folder: Path) -> dict:
     "Read back the `state_dict` written by `optimizer_to_files`."
-    meta = json.loads((folder / "optimizer.json").read_text())
+    meta = _read_state(folder / "optimizer.json")
     state = {int(pid): dict(v) for pid, v in meta["state"].items()}
-    for key, t in load_file(folder / "optimizer.safetensors").items():
-        _, pid, k = key.split(".", 2)
-        state.setdefault(int(pid), {})[k] = t
-    return {"state": state, "param_groups": meta["param_groups"]}
+    groups = meta["param_groups"]
+    for key, t in _load_tensors(folder / "optimizer.safetensors").items():
+        kind, i, k = key.split(".", 2)
+        if kind == "group": groups[int(i)][k] = t
+        else: state.setdefault(int(i), {})[k] = t
+    return {"state": state, "param_groups": groups}
 
 # %% ../nbs/04_checkpoint.ipynb #4c81f2fb
 def rng_to_files(folder: Path):
@@ -80,11 +124,11 @@ def rng_to_files(folder: Path):
 
 def rng_from_files(folder: Path):
     "Restore the random states written by `rng_to_files`."
-    tensors = load_file(folder / "rng_state.safetensors")
+    tensors = _load_tensors(folder / "rng_state.safetensors")
     torch.set_rng_state(tensors["torch"])
     cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
     if cuda and torch.cuda.is_available(): torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
-    meta = json.loads((folder / "rng_state.json").read_text())
+    meta = _read_json(folder / "rng_state.json")
     version, state, gauss = meta["python"]
     random.setstate((version, tuple(state), gauss))
     name, keys, pos, has_gauss, cached = meta["numpy"]
@@ -110,23 +154,63 @@ def _quiet_transformers():
     finally:
         if was: logging.enable_progress_bar()
 
-def load_weights(model: torch.nn.Module, folder: str | Path) -> torch.nn.Module:
-    "Load `folder`'s weights into `model`, after checking that every name and shape fits."
-    folder = Path(folder)
+def _weight_files(folder: Path) -> list[Path]:
     files = sorted(folder.glob("model*.safetensors"))
-    if not files: raise FileNotFoundError(f"{folder}: no model*.safetensors file; is this a checkpoint or saved model folder?")
-    saved = {}
-    for f in files: saved.update(load_file(f))
+    if not files:
+        present = sorted(f.name for f in folder.iterdir()) if folder.is_dir() else []
+        raise CheckpointError(f"{folder} holds no model*.safetensors file (it has {present[:10]}); is this a checkpoint "
+                              "or a saved model folder? Only safetensors weights are loaded, never a pickle (*.bin, *.pt).")
+    return files
+
+def check_weight_files(folder: str | Path) -> list[Path]:
+    "The weight files of `folder`, each checked to be a whole safetensors file (header and size), without reading the tensors."
+    from safetensors import safe_open
+    files = _weight_files(Path(folder))
+    for f in files:
+        try:
+            with safe_open(f, framework="pt") as g: g.keys()
+        except Exception as e:
+            raise CheckpointError(f"{f} cannot be read as safetensors ({f.stat().st_size} bytes; {type(e).__name__}: {e}). "
+                                  "The file is truncated, damaged or not a safetensors file (a pickle is never loaded). "
+                                  "Use another checkpoint.") from e
+    return files
+
+def _listed(keys: list, n: int = 10) -> str:
+    return ", ".join(map(str, keys[:n])) + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
+
+def _architecture(folder: Path) -> str | None:
+    "The model class named by a transformers checkpoint's config.json, if any."
+    try: return (json.loads((folder / "config.json").read_text()).get("architectures") or [None])[0]
+    except Exception: return None
+
+def weights_mismatch(model: torch.nn.Module, saved: dict, folder) -> str | None:
+    "What does not fit between `model` and the `saved` tensors (names and shapes), or None when all fits."
     own = model.state_dict()
     missing = [k for k in own if k not in saved and not _is_tied(model, k, saved)]
     unexpected = [k for k in saved if k not in own]
-    wrong = [f"{k}: saved {tuple(saved[k].shape)}, model {tuple(own[k].shape)}" for k in saved
+    wrong = [f"{k}: checkpoint {tuple(saved[k].shape)}, model {tuple(own[k].shape)}" for k in saved
              if k in own and saved[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        parts = [f"missing in checkpoint: {missing[:5]}" * bool(missing), f"not in model: {unexpected[:5]}" * bool(unexpected),
-                 f"shape mismatch: {wrong[:5]}" * bool(wrong)]
-        raise ValueError(f"the checkpoint at {folder} does not fit this {type(model).__name__} (" + "; ".join(p for p in parts if p)
-                         + "). Build the model from the same config as the run that saved it.")
+    if not (missing or unexpected or wrong): return None
+    parts = [f"{len(missing)} in the model but not in the checkpoint: {_listed(missing)}" * bool(missing),
+             f"{len(unexpected)} in the checkpoint but not in the model: {_listed(unexpected)}" * bool(unexpected),
+             f"{len(wrong)} with different shapes: {_listed(wrong)}" * bool(wrong)]
+    arch = _architecture(Path(folder))
+    return (f"the checkpoint{f' of {arch}' if arch else ''} at {folder} does not fit this {type(model).__name__} "
+            f"({len(own)} tensors; the checkpoint has "
+            f"{len(saved)}). " + "; ".join(p for p in parts if p)
+            + ". Build the model from the same config (architecture and sizes) as the run that saved it.")
+
+def read_weights(folder: str | Path) -> dict:
+    "Every tensor of `folder`'s weight files, with errors that name a damaged file."
+    saved = {}
+    for f in _weight_files(Path(folder)): saved.update(_load_tensors(f))
+    return saved
+
+def load_weights(model: torch.nn.Module, folder: str | Path) -> torch.nn.Module:
+    "Load `folder`'s weights into `model`, after checking that every name and shape fits."
+    saved = read_weights(folder)
+    problem = weights_mismatch(model, saved, folder)
+    if problem: raise CheckpointError(problem)
     model.load_state_dict(saved, strict=False)
     return model
 
@@ -153,10 +237,37 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     cps = list_checkpoints(output_dir)
     return cps[-1] if cps else None
 
+_LEFTOVER = re.compile(rf"^\.(tmp|old)-({PREFIX}-\d+)-(\d+)$")
+
+def _alive(pid: int) -> bool:
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True
+    return True
+
+def clean_leftovers(output_dir: str | Path) -> list[Path]:
+    """Folders left by a save that a killed process never finished: unfinished `.tmp-*` ones are deleted; an
+    `.old-*` one (a complete checkpoint being replaced by a new save of the same step) goes back in place."""
+    d, done = Path(output_dir), []
+    if not d.is_dir(): return done
+    for p in d.iterdir():
+        m = _LEFTOVER.match(p.name)
+        if not m or int(m.group(3)) == os.getpid() or _alive(int(m.group(3))): continue
+        final = d / m.group(2)
+        if m.group(1) == "old" and is_complete(p) and not is_complete(final):
+            if final.exists(): shutil.rmtree(final)
+            p.rename(final)
+        else: shutil.rmtree(p, ignore_errors=True)
+        done.append(p)
+    return done
+
 def save_checkpoint(output_dir: str | Path, state: TrainerState, model, optimizer=None, scheduler=None, scaler=None,
-                    args=None, callbacks: tuple = (), processing_class=None) -> Path:
-    "Write `checkpoint-{global_step}` into `output_dir` atomically; returns its path."
+                    args=None, callbacks: tuple = (), processing_class=None, loop_state: dict | None = None) -> Path:
+    """Write `checkpoint-{global_step}` into `output_dir` atomically; returns its path.
+
+    `loop_state` is what the training loop keeps between logs (e.g. the loss summed since the last log), as JSON."""
     output_dir = Path(output_dir); output_dir.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(output_dir)
     final = output_dir / f"{PREFIX}-{state.global_step}"
     tmp = output_dir / f".tmp-{final.name}-{os.getpid()}"
     if tmp.exists(): shutil.rmtree(tmp)
@@ -165,15 +276,17 @@ def save_checkpoint(output_dir: str | Path, state: TrainerState, model, optimize
         save_weights(model, tmp)
         if processing_class is not None and hasattr(processing_class, "save_pretrained"): processing_class.save_pretrained(tmp)
         if optimizer is not None: optimizer_to_files(optimizer, tmp)
-        if scheduler is not None: _write_json(tmp / "scheduler.json", scheduler.state_dict())
-        if scaler is not None: _write_json(tmp / "scaler.json", scaler.state_dict())
+        if scheduler is not None: _write_state(tmp / "scheduler.json", scheduler.state_dict())
+        if scaler is not None: _write_state(tmp / "scaler.json", scaler.state_dict())
         rng_to_files(tmp)
         state.stateful_callbacks = {type(cb).__name__: cb.state_dict() for cb in callbacks if hasattr(cb, "state_dict")}
         (tmp / "trainer_state.json").write_text(state.to_json_string())
         if args is not None: (tmp / "training_args.json").write_text(args.to_json_string())
+        if loop_state is not None: _write_state(tmp / "loop_state.json", loop_state)
         _fsync_tree(tmp)
         _write_json(tmp / MARKER, {"global_step": state.global_step, "time": time.time()})
-        _fsync_tree(tmp)
+        with open(tmp / MARKER, "rb") as f: os.fsync(f.fileno())
+        _fsync_dir(tmp)
         if final.exists():  # the same step saved again (e.g. after an interrupt): swap, never leave a gap
             old = output_dir / f".old-{final.name}-{os.getpid()}"
             final.rename(old); tmp.rename(final); shutil.rmtree(old)
@@ -201,12 +314,20 @@ def rotate_checkpoints(output_dir: str | Path, limit: int | None, best: str | Pa
 def resolve_checkpoint(path: str | Path) -> Path:
     "A checkpoint folder, or the latest complete one inside an output directory."
     p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p} does not exist: there is no checkpoint to load there. Pass a checkpoint folder "
+                                "(output_dir/checkpoint-N) or an output_dir that holds some.")
+    if not p.is_dir(): raise NotADirectoryError(f"{p} is a file; a checkpoint is a folder (output_dir/checkpoint-N).")
     if is_complete(p): return p
-    if _STEP.match(p.name) and p.is_dir():
-        raise ValueError(f"{p} is an incomplete checkpoint (no {MARKER} marker: its writing was interrupted); "
-                         f"use an earlier one: {[c.name for c in list_checkpoints(p.parent)]}.")
+    if _STEP.match(p.name):
+        raise CheckpointError(f"{p} is an incomplete checkpoint (no {MARKER} marker: its writing was interrupted); "
+                              f"use a complete one: {[c.name for c in list_checkpoints(p.parent)]}.")
     latest = latest_checkpoint(p)
-    if latest is None: raise FileNotFoundError(f"no complete checkpoint at {p}.")
+    if latest is None:
+        partial = sorted(c.name for c in p.iterdir() if c.is_dir() and (_STEP.match(c.name) or c.name.startswith(".tmp-")))
+        raise FileNotFoundError(f"no complete checkpoint in {p}: " + (f"only unfinished ones ({', '.join(partial)})" if partial
+                                else "it holds no checkpoint-N folder") + ". Pass a checkpoint folder, or train without "
+                                "resume_from_checkpoint (save_strategy / save_steps decide when checkpoints are written).")
     return latest
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module | None = None, trainer=None) -> torch.nn.Module:
@@ -222,22 +343,37 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module | None = None, trai
         arch = (config.architectures or [None])[0]
         cls = getattr(transformers, arch, None) if arch else None
         if cls is None: raise ValueError(f"{folder}/config.json names no known architecture ({arch!r}); pass model=.")
-        return cls.from_pretrained(folder)
+        check_weight_files(folder)
+        return cls.from_pretrained(folder, use_safetensors=True)  # never a pickled pytorch_model.bin
     return load_weights(model, folder)
 
 def restore_training(folder: Path, model, optimizer=None, scheduler=None, scaler=None, callbacks: tuple = ()) -> TrainerState:
     "Put weights, optimizer, scheduler, scaler, RNG and callback state back from `folder`; returns its `TrainerState`."
-    load_weights(model, folder)
-    if optimizer is not None and (folder / "optimizer.json").is_file(): optimizer.load_state_dict(optimizer_from_files(folder))
-    if scheduler is not None and (folder / "scheduler.json").is_file():
-        scheduler.load_state_dict(json.loads((folder / "scheduler.json").read_text()))
-    if scaler is not None and (folder / "scaler.json").is_file(): scaler.load_state_dict(json.loads((folder / "scaler.json").read_text()))
-    state = TrainerState.from_json_string((folder / "trainer_state.json").read_text())
+    folder = Path(folder)
+    # read and check everything first: a damaged file or a model that does not fit changes nothing
+    saved = read_weights(folder)
+    problem = weights_mismatch(model, saved, folder)
+    if problem: raise CheckpointError(problem)
+    opt = optimizer_from_files(folder) if optimizer is not None and (folder / "optimizer.json").is_file() else None
+    sched = _read_state(folder / "scheduler.json") if scheduler is not None and (folder / "scheduler.json").is_file() else None
+    scal = _read_state(folder / "scaler.json") if scaler is not None and (folder / "scaler.json").is_file() else None
+    state = TrainerState.from_json_string(json.dumps(_read_json(folder / "trainer_state.json")))
+    _read_json(folder / "rng_state.json"); _load_tensors(folder / "rng_state.safetensors")
+
+    model.load_state_dict(saved, strict=False)
+    if opt is not None: optimizer.load_state_dict(opt)
+    if sched is not None: scheduler.load_state_dict(sched)
+    if scal is not None: scaler.load_state_dict(scal)
     for cb in callbacks:
-        saved = state.stateful_callbacks.get(type(cb).__name__)
-        if saved is not None and hasattr(cb, "load_state_dict"): cb.load_state_dict(saved)
+        cb_state = state.stateful_callbacks.get(type(cb).__name__)
+        if cb_state is not None and hasattr(cb, "load_state_dict"): cb.load_state_dict(cb_state)
     rng_from_files(folder)
     return state
+
+def read_loop_state(folder: str | Path) -> dict:
+    "The `loop_state` a checkpoint was saved with (`{}` when none)."
+    f = Path(folder) / "loop_state.json"
+    return _read_state(f) if f.is_file() else {}
 
 # %% ../nbs/04_checkpoint.ipynb #84dbbf10
 class CheckpointCallback(TrainerCallback):

@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import signal
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -21,14 +23,15 @@ from torch import nn
 
 from .args import TrainingArguments
 from .checkpoint import CheckpointCallback, load_weights, resolve_checkpoint, restore_training, save_weights
-from .dashboard import ConsoleProgress, plot_history
+from .dashboard import default_progress, plot_history
 from .data import (Collator, ColumnPlan, DataError, column_names, default_collator, make_dataloader,
                           preflight_batch)
 from .events import CallbackHandler, FlowCallback, TrainerControl, TrainerState
 from .metrics import Accumulator, EvalPrediction, StreamingMetrics, _scalars
 
 # %% auto #0
-__all__ = ['TrainOutput', 'PredictionOutput', 'param_groups', 'make_optimizer', 'make_scheduler', 'split_outputs', 'Trainer']
+__all__ = ['TrainOutput', 'PredictionOutput', 'param_groups', 'make_optimizer', 'make_scheduler', 'split_outputs',
+           'TrainingInterrupted', 'InterruptFlag', 'Trainer']
 
 # %% ../nbs/06_trainer.ipynb #54985f06
 class TrainOutput(NamedTuple):
@@ -99,6 +102,29 @@ def _item_counts(batches: list[dict], label_names: list[str]) -> list[torch.Tens
     if not all(isinstance(b.get(key), torch.Tensor) for b in batches): return None
     return [(b[key] != -100).sum() for b in batches]
 
+# %% ../nbs/06_trainer.ipynb #d968903b
+class TrainingInterrupted(KeyboardInterrupt):
+    "Training stopped cleanly at a step boundary after an interrupt; IPython shows only this message."
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+    def _render_traceback_(self) -> list[str]: return [self.message]
+
+class InterruptFlag:
+    "While active, the first SIGINT sets `requested`; a second one raises `KeyboardInterrupt` at once."
+    def __init__(self): self.requested = False
+
+    def _handler(self, signum, frame):
+        if self.requested: raise KeyboardInterrupt
+        self.requested = True
+
+    @contextlib.contextmanager
+    def active(self):
+        if threading.current_thread() is not threading.main_thread(): yield self; return  # signals reach the main thread only
+        previous = signal.signal(signal.SIGINT, self._handler)
+        try: yield self
+        finally: signal.signal(signal.SIGINT, previous)
+
 # %% ../nbs/06_trainer.ipynb #ae26f92e
 class Trainer:
     "Train, evaluate and predict with transformers' Trainer API, made for notebooks."
@@ -132,10 +158,10 @@ class Trainer:
         self.label_names = self.args.label_names or None
         self.accelerator = self._make_accelerator()
         self.state, self.control = TrainerState(), TrainerControl()
-        self.last_checkpoint, self._eval_dl = None, None
+        self.last_checkpoint, self._eval_dl, self._interrupted_at = None, None, None
         defaults = [FlowCallback()]
-        if self.args.output_dir and self.args.save_strategy != "no": defaults.append(CheckpointCallback())
-        if not self.args.disable_tqdm: defaults.append(ConsoleProgress())
+        if self.args.output_dir: defaults.append(CheckpointCallback())  # also saves on interrupt with save_strategy="no"
+        if not self.args.disable_tqdm: defaults.append(default_progress())
         self.callback_handler = CallbackHandler(defaults + list(callbacks or []), trainer=self, processing_class=processing_class)
         set_seed(self.args.seed)
         self._fire("on_init_end")
@@ -279,14 +305,17 @@ class Trainer:
                     processing_class=self.processing_class)
 
     def train(self, resume_from_checkpoint: bool | str | None = None) -> TrainOutput:
-        "Train; with `resume_from_checkpoint` (True or a path), continue a saved run exactly."
+        "Train; `resume_from_checkpoint=True` (latest complete checkpoint) or a path continues a saved run exactly."
         a, acc = self.args, self.accelerator
+        if resume_from_checkpoint is None and self._interrupted_at is not None:
+            resume_from_checkpoint = self._after_interrupt()
+        self._interrupted_at = None
         set_seed(a.seed)
         train_dl = self.get_train_dataloader()
         eval_dl = self.get_eval_dataloader() if a.eval_strategy != "no" else None
         self.model = self.model.to(acc.device)
         self._preflight(self.model, {k: v.to(acc.device) if hasattr(v, "to") else v for k, v in self._first_batch.items()}, eval_dl)
-        if self.state.is_world_process_zero and not a.disable_tqdm: print(self._train_summary)
+        if acc.is_main_process and not a.disable_tqdm: print(self._train_summary)
 
         ga = a.gradient_accumulation_steps
         batches_per_epoch = len(train_dl)
@@ -307,8 +336,7 @@ class Trainer:
         start_epoch, skip_steps = 0, 0
         if resume_from_checkpoint:
             folder = resolve_checkpoint(a.output_dir if resume_from_checkpoint is True else resume_from_checkpoint)
-            self.state = restore_training(folder, self.model, optimizer, self.lr_scheduler, scaler,
-                                          tuple(self.callbacks))
+            self.state = restore_training(folder, self.model, optimizer, self.lr_scheduler, scaler, tuple(self.callbacks))
             self.state.is_local_process_zero, self.state.is_world_process_zero = acc.is_local_main_process, acc.is_main_process
             start_epoch, skip_steps = divmod(self.state.global_step, steps_per_epoch)
         self.control = TrainerControl()
@@ -320,46 +348,54 @@ class Trainer:
         tr_loss = torch.zeros((), device=acc.device)  # running sum since the last log, kept on device
         self._total_loss, self._logged_steps, self._saved_step = 0.0, self.state.global_step, self.state.global_step
         distributed = acc.num_processes > 1
+        interrupt = InterruptFlag()
         model.train()
-        for epoch in range(start_epoch, num_epochs):
-            train_dl.set_epoch(epoch)
-            if sampler is not None and epoch == start_epoch and skip_steps:
-                sampler.skip = skip_steps * ga * a.per_device_train_batch_size * acc.num_processes
-            batches = iter(train_dl)
-            remaining = batches_per_epoch - (skip_steps * ga if epoch == start_epoch else 0)
-            self.control._new_epoch()
-            self._fire("on_epoch_begin")
-            for update in range(skip_steps if epoch == start_epoch else 0, steps_per_epoch):
-                n = min(ga, remaining); remaining -= n
-                if n <= 0: break
-                window = [next(batches) for _ in range(n)]
-                counts = _item_counts(window, self.label_names) if n > 1 else None
-                total = sum(counts) if counts else None  # items in the whole window: each micro-batch weighs its share
-                self._fire("on_step_begin")
-                for i, batch in enumerate(window):
-                    sync = contextlib.nullcontext() if not distributed or i == n - 1 else acc.no_sync(model)
-                    with sync:
-                        loss = self.compute_loss(model, batch)
-                        if n > 1: loss = loss * (counts[i] / total) if counts else loss / n
-                        self._backward(loss)
-                    tr_loss += loss.detach()
-                    if i < n - 1: self._fire("on_substep_end")
-                if scaler is not None: scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm) if a.max_grad_norm > 0 else None
-                self._fire("on_pre_optimizer_step")
-                if scaler is not None: scaler.step(optimizer); scaler.update()
-                else: optimizer.step()
-                self._fire("on_optimizer_step")
-                self.lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                self.state.global_step += 1
-                self.state.epoch = epoch + (update + 1) / steps_per_epoch
-                self._fire("on_step_end")
-                tr_loss = self._maybe_log_save_evaluate(tr_loss, grad_norm)
-                if self.control.should_epoch_stop or self.control.should_training_stop: break
-            self._fire("on_epoch_end")
-            tr_loss = self._maybe_log_save_evaluate(tr_loss, None)
-            if self.control.should_training_stop: break
+        try:
+            with interrupt.active():
+                for epoch in range(start_epoch, num_epochs):
+                    train_dl.set_epoch(epoch)
+                    if sampler is not None and epoch == start_epoch and skip_steps:
+                        sampler.skip = skip_steps * ga * a.per_device_train_batch_size * acc.num_processes
+                    batches = iter(train_dl)
+                    remaining = batches_per_epoch - (skip_steps * ga if epoch == start_epoch else 0)
+                    self.control._new_epoch()
+                    self._fire("on_epoch_begin")
+                    for update in range(skip_steps if epoch == start_epoch else 0, steps_per_epoch):
+                        n = min(ga, remaining); remaining -= n
+                        if n <= 0: break
+                        window = [next(batches) for _ in range(n)]
+                        counts = _item_counts(window, self.label_names) if n > 1 else None
+                        total = sum(counts) if counts else None  # items in the whole window: each micro-batch weighs its share
+                        self._fire("on_step_begin")
+                        for i, batch in enumerate(window):
+                            sync = contextlib.nullcontext() if not distributed or i == n - 1 else acc.no_sync(model)
+                            with sync:
+                                loss = self.compute_loss(model, batch)
+                                if n > 1: loss = loss * (counts[i] / total) if counts else loss / n
+                                self._backward(loss)
+                            tr_loss += loss.detach()
+                            if i < n - 1: self._fire("on_substep_end")
+                        if scaler is not None: scaler.unscale_(optimizer)
+                        grad_norm = torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm) if a.max_grad_norm > 0 else None
+                        self._fire("on_pre_optimizer_step")
+                        if scaler is not None: scaler.step(optimizer); scaler.update()
+                        else: optimizer.step()
+                        self._fire("on_optimizer_step")
+                        self.lr_scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                        self.state.global_step += 1
+                        self.state.epoch = epoch + (update + 1) / steps_per_epoch
+                        self._fire("on_step_end")
+                        tr_loss = self._maybe_log_save_evaluate(tr_loss, grad_norm)
+                        if self.control.should_epoch_stop or self.control.should_training_stop or interrupt.requested: break
+                    if interrupt.requested: break
+                    self._fire("on_epoch_end")
+                    tr_loss = self._maybe_log_save_evaluate(tr_loss, None)
+                    if self.control.should_training_stop: break
+        except BaseException as e:  # a failure: the progress shows where it stopped, then the error propagates
+            self._fire("on_train_end", outcome="failed", error=e)
+            raise
+        if interrupt.requested: self._stop_interrupted()
 
         self._total_loss += tr_loss.item()
         runtime = time.perf_counter() - start_time
@@ -370,9 +406,29 @@ class Trainer:
         if a.load_best_model_at_end and self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint).is_dir():
             load_weights(self.model, self.state.best_model_checkpoint)
         self._log(metrics)
-        self._fire("on_train_end")
+        self._fire("on_train_end", outcome="finished")
         self._eval_dl = None
         return TrainOutput(self.state.global_step, train_loss, metrics)
+
+    def _stop_interrupted(self):
+        "After an interrupt at a step boundary: save, tell the callbacks, and raise `TrainingInterrupted`."
+        st, a = self.state, self.args
+        if a.output_dir and st.global_step > self._saved_step:
+            self._saved_step = st.global_step
+            self._fire("on_save")
+        saved = self.last_checkpoint is not None and self.last_checkpoint.name == f"checkpoint-{st.global_step}"
+        self._interrupted_at = self.last_checkpoint if saved else None
+        self._fire("on_train_end", outcome="interrupted")
+        self._eval_dl = None
+        how = (f"Its state is saved in {self.last_checkpoint}; `trainer.train()` continues exactly from there."
+               if saved else "Nothing was saved (no output_dir); `trainer.train()` would start a new run.")
+        raise TrainingInterrupted(f"Training interrupted at step {st.global_step} of {st.max_steps}. {how}")
+
+    def _after_interrupt(self):
+        "What a plain `train()` does after an interrupted one: continue from its checkpoint, and say so."
+        print(f"Continuing the interrupted run from {self._interrupted_at} "
+              "(train(resume_from_checkpoint=False) starts a new run instead).")
+        return self._interrupted_at
 
     def _maybe_log_save_evaluate(self, tr_loss: torch.Tensor, grad_norm) -> torch.Tensor:
         "Act on the flags callbacks set: the only place the loop reads values from the device."
@@ -426,7 +482,7 @@ class Trainer:
                         self.streaming.update(*acc.gather_for_metrics((logits, labels)) if acc.num_processes > 1 else (logits, labels))
                     if kept is not None and logits is not None:
                         kept.add(*(acc.gather_for_metrics((logits, labels)) if acc.num_processes > 1 else (logits, labels)))
-                    self._fire("on_prediction_step")
+                    self._fire("on_prediction_step", eval_dataloader=dataloader)
         finally: model.train(was_training)
         metrics = {}
         if n_loss: metrics[f"{prefix}_loss"] = (acc.reduce(loss_sum, "sum").item() / (n_loss * acc.num_processes))

@@ -1,0 +1,400 @@
+"""A person's view: JupyterLab on loopback, a notebook run with Run > Run All Cells in headless Chromium.
+
+While the watched cell is still executing, its ipywidgets progress bar must be rendered by the widget
+manager (no "Loading widget...", no "Error displaying widget", no text repr such as `IntProgress(...)`)
+and must advance; a screenshot is taken then, and another once every cell has run. Both are saved in
+pytest's tmp dir and copied to tests/artifacts/ (ignored by git) for a person to look at.
+
+Needs Debian's `chromium` (/usr/bin/chromium), `jupyterlab` and `playwright` (whose wheel ships its
+driver; `playwright install` is never needed nor run: Chromium comes from apt). Without them the test
+is skipped, except in CI (env CI set), where it fails instead.
+"""
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from importlib.util import find_spec
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage"]
+SENTINEL = "NBTRAIN-BROWSER-TEST-ALL-CELLS-RAN"
+BAD_TEXT = ("Loading widget", "Error displaying widget", "Error creating widget", "Could not create")
+# what JupyterLab shows instead of a widget when the widget manager is missing: the model's text repr
+PROGRESS = ".widget-hprogress, .widget-vprogress"  # an ipywidgets 8 IntProgress/FloatProgress view
+TEXT_REPR = re.compile(r"\b(?:Int|Float)Progress\(|\b[HV]Box\(children=")
+
+# A probe that trains nothing: one IntProgress updated for ~15 s, then a line of text.
+PROBE_CELLS = [
+    "import time\nimport ipywidgets as widgets\nfrom IPython.display import display",
+    "bar = widgets.IntProgress(value=0, min=0, max=60, description='probe')\ndisplay(bar)\n"
+    "for i in range(1, 61):\n    time.sleep(0.25)\n    bar.value = i",
+    "print(f'done: {bar.value}/{bar.max}')",
+]
+
+
+@dataclass
+class Case:
+    source: Path | None          # the notebook to copy and run; None: the probe above
+    live_cell: str               # text of the cell to watch while it executes (first cell containing it)
+    live: str = PROGRESS         # the progress widget that must be rendered in that cell while it runs
+    final_present: list = field(default_factory=list)  # selectors in that cell once all cells have run
+    final_absent: list = field(default_factory=list)
+    final_text: str | None = None     # text in that cell's or the next cell's output once all have run
+    timeout: float = 180.0       # seconds for the whole Run All
+
+
+CASES = {
+    "probe": Case(None, "IntProgress(", final_present=[PROGRESS], final_text="done: 60/60"),
+    # the quick start: the dashboard is ipywidgets while train() runs, a static HTML + image snapshot after it
+    "quickstart": Case(ROOT / "nbs" / "index.ipynb", "trainer.train(", final_present=["img"],
+                       final_absent=[PROGRESS], timeout=1200.0),
+}
+# The one switch: which notebook the browser runs. NBTRAIN_BROWSER_NOTEBOOK overrides it for a run.
+NOTEBOOK = os.environ.get("NBTRAIN_BROWSER_NOTEBOOK", "probe")
+
+
+def _missing() -> list[str]:
+    missing = []
+    if not os.access(CHROMIUM, os.X_OK):
+        missing.append(f"{CHROMIUM} (apt-get install -y chromium)")
+    for mod, pkg in (("playwright", "playwright"), ("jupyterlab", "jupyterlab"), ("jupyterlab_widgets", "ipywidgets")):
+        if find_spec(mod) is None:
+            missing.append(f"python module {mod} (pip install {pkg})")
+    return missing
+
+
+def _eval_false(src: str) -> bool:
+    return re.search(r"^\s*#\|\s*eval:\s*false\s*$", src, re.M) is not None
+
+
+def _write_notebook(case: Case, dest: Path) -> tuple[int, int]:
+    """Write the notebook to run at `dest`: outputs and saved widget state stripped, nbdev `#| eval: false` cells
+    dropped (as nbdev_test does), a last cell printing SENTINEL added. Gives the watched cell's index and the cell count."""
+    if case.source is None:
+        nb = {"cells": [{"cell_type": "code", "source": s, "metadata": {}, "outputs": [], "execution_count": None}
+                        for s in PROBE_CELLS],
+              "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+              "nbformat": 4, "nbformat_minor": 5}
+    else:
+        nb = json.loads(case.source.read_text())
+        nb["metadata"].pop("widgets", None)  # saved widget state would render without a live kernel
+        nb["cells"] = [c for c in nb["cells"] if not (c["cell_type"] == "code" and _eval_false("".join(c["source"])))]
+    for c in nb["cells"]:
+        if c["cell_type"] == "code":
+            c["outputs"], c["execution_count"] = [], None
+    nb["cells"].append({"cell_type": "code", "source": f"print({SENTINEL!r})", "metadata": {}, "outputs": [],
+                        "execution_count": None})
+    dest.write_text(json.dumps(nb, indent=1))
+    live_i = next(i for i, c in enumerate(nb["cells"]) if case.live_cell in "".join(c["source"]))
+    return live_i, len(nb["cells"])
+
+
+def _lab_settings(config_dir: Path):
+    "Fresh JupyterLab user settings: no news or update toasts, and every cell kept in the DOM."
+    settings = {"@jupyterlab/apputils-extension/notification": {"fetchNews": "false", "checkForUpdates": False},
+                "@jupyterlab/notebook-extension/tracker": {"windowingMode": "none"}}
+    for name, value in settings.items():
+        path = config_dir / "lab" / "user-settings" / f"{name}.jupyterlab-settings"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(value))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _descendants(pid: int) -> list[int]:
+    "Every live descendant of `pid` (Linux /proc), so that kernels started by the server are ended too."
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie counts as gone
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class Lab:
+    "`jupyter lab` on 127.0.0.1 with a token, in `root`, with its own config, data and runtime dirs."
+
+    def __init__(self, root: Path, home: Path):
+        self.port, self.token = _free_port(), secrets.token_hex(16)
+        self.base = f"http://127.0.0.1:{self.port}"
+        config = home / "config"
+        _lab_settings(config)
+        env = {k: v for k, v in os.environ.items() if k not in ("MPLBACKEND", "JUPYTER_PATH", "JUPYTER_CONFIG_PATH")}
+        env.update(JUPYTER_CONFIG_DIR=str(config), JUPYTER_DATA_DIR=str(home / "data"),
+                   JUPYTER_RUNTIME_DIR=str(home / "runtime"), IPYTHONDIR=str(home / "ipython"),
+                   JUPYTER_PLATFORM_DIRS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+        self.log_path = home / "jupyter.log"
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", "--ip=127.0.0.1",
+             f"--port={self.port}", "--ServerApp.port_retries=0", f"--ServerApp.root_dir={root}",
+             f"--IdentityProvider.token={self.token}", "--LabApp.news_url=None",
+             "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+            cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        deadline = time.monotonic() + 90
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"jupyter lab exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.base}/api/status?token={self.token}", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"jupyter lab did not answer on {self.base} in 90 s:\n{self.tail()}")
+            time.sleep(0.5)
+
+    def tail(self, n: int = 4000) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")[-n:]
+
+    def url(self, name: str) -> str:
+        return f"{self.base}/lab/tree/{name}?token={self.token}&reset"
+
+    def stop(self):
+        "Shut the server down (and with it its kernels); end whatever of its process tree is left."
+        tree = _descendants(self.proc.pid)
+        if self.proc.poll() is None:
+            try:
+                req = urllib.request.Request(f"{self.base}/api/shutdown", method="POST",
+                                             headers={"Authorization": f"token {self.token}"})
+                urllib.request.urlopen(req, timeout=10).close()
+            except OSError:
+                pass
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                    self.proc.wait()
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in tree) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for p in tree:
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
+        self.log.close()
+
+
+# Run in the page. READY: is the notebook shown with its kernel up? CELL_STATE: cell i and the notebook, in one go.
+READY_JS = """() => ({
+  cells: document.querySelectorAll('.jp-NotebookPanel .jp-Notebook .jp-Cell').length,
+  kernel: [...document.querySelectorAll('.jp-StatusBar-Item:not(.lm-mod-hidden)')].map(e => e.innerText)
+            .find(t => / \\| [A-Z][a-z]+$/.test(t)) || '',
+  dialog: !!document.querySelector('.jp-Dialog'),
+})"""
+CELL_STATE_JS = """([i, bad, live]) => {
+  const cells = [...document.querySelectorAll('.jp-NotebookPanel .jp-Notebook .jp-Cell')];
+  const cell = cells[i];
+  const prompts = cells.map(c => (c.querySelector('.jp-InputPrompt') || {}).textContent || '');
+  const texts = c => c ? [...c.querySelectorAll('.jp-OutputArea-output')].map(o => o.innerText).join('\\n') : '';
+  const outputs = [...document.querySelectorAll('.jp-NotebookPanel .jp-OutputArea-output')].map(o => o.innerText);
+  const widgets = cell ? [...cell.querySelectorAll(live)] : [];
+  return {
+    n: cells.length,
+    executing: cell ? /\\[\\*\\]/.test(prompts[i]) : false,
+    done: cell ? /\\[\\d+\\]/.test(prompts[i]) : false,
+    anyQueued: prompts.some(p => /\\[\\*\\]/.test(p)),
+    bars: widgets.map(w => { const b = w.querySelector('.progress-bar'); return b ? b.style.width : '?'; }).join(' '),
+    cellText: texts(cell),
+    nextText: texts(cells[i + 1]),
+    bad: outputs.filter(t => bad.some(b => t.includes(b))),
+    errors: [...document.querySelectorAll('.jp-NotebookPanel .jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]')]
+             .map(o => o.innerText).filter(t => /Traceback \\(most recent call last\\)/.test(t)),
+    allText: outputs.join('\\n'),
+  };
+}"""
+
+
+def _shot(page, path: Path, copies: list):
+    "Screenshot the page to `path`, and copy it to tests/artifacts/ for a person to look at."
+    page.screenshot(path=str(path))
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / ".gitignore").write_text("*\n")
+    shutil.copy(path, ARTIFACTS / path.name)
+    copies.append(ARTIFACTS / path.name)
+
+
+def test_notebook_widgets_render_live_in_jupyterlab(tmp_path):
+    missing = _missing()
+    if missing:
+        msg = "browser test needs " + ", ".join(missing)
+        if os.environ.get("CI"):
+            pytest.fail(msg + " (CI is set: .ci/run's set-up must install them)")
+        pytest.skip(msg)
+    from playwright.sync_api import sync_playwright
+
+    case = CASES[NOTEBOOK]
+    work, home, shots = tmp_path / "work", tmp_path / "home", tmp_path / "screenshots"
+    for d in (work, home, shots):
+        d.mkdir()
+    name = f"browser_{NOTEBOOK}.ipynb"
+    live_i, n_cells = _write_notebook(case, work / name)
+    copies, console = [], []
+    t0 = time.monotonic()
+    lab = Lab(work, home)
+    try:
+        with sync_playwright() as pw:
+            ctx = pw.chromium.launch_persistent_context(
+                str(home / "chromium-profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
+                viewport={"width": 1400, "height": 1000})
+            try:
+                page = ctx.pages[0] if ctx.pages else ctx.new_page()
+                page.on("console", lambda m: console.append(f"{m.type}: {m.text}") if m.type == "error" else None)
+                page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
+                _run(page, lab, name, case, live_i, n_cells, shots, copies)
+            except BaseException:
+                try:
+                    _shot(page, shots / f"browser_{NOTEBOOK}_failure.png", copies)
+                except Exception:
+                    pass
+                print("jupyter log tail:\n" + lab.tail(), "\nbrowser console errors:\n" + "\n".join(console[-30:]))
+                raise
+            finally:
+                ctx.close()
+    finally:
+        lab.stop()
+    print(f"browser test ({NOTEBOOK}) took {time.monotonic() - t0:.1f} s; screenshots: "
+          + ", ".join(str(c) for c in copies))
+
+
+def _wait_ready(page, n_cells: int, timeout: float = 180.0):
+    "Wait until the notebook shows all its cells and the status bar says its kernel is idle ('Python 3 (ipykernel) | Idle')."
+    deadline, idle_since, state = time.monotonic() + timeout, None, {}
+    while time.monotonic() < deadline:
+        state = page.evaluate(READY_JS)
+        if state["dialog"]:  # e.g. "Select Kernel" when the kernel specs came late: take the notebook's own
+            page.locator(".jp-Dialog .jp-mod-accept").click()
+        elif state["cells"] == n_cells and state["kernel"].endswith("| Idle") and "No Kernel" not in state["kernel"]:
+            idle_since = idle_since or time.monotonic()
+            if time.monotonic() - idle_since > 1.0:
+                return
+        else:
+            idle_since = None
+        time.sleep(0.25)
+    raise AssertionError(f"the notebook or its kernel was not ready in {timeout:.0f} s: {state}")
+
+
+def _run(page, lab, name, case, live_i, n_cells, shots, copies):
+    page.set_default_timeout(60_000)
+    page.goto(lab.url(name), wait_until="domcontentloaded", timeout=120_000)
+    _wait_ready(page, n_cells)
+    page.keyboard.press("Control+b")  # fold the file browser away: more room for the notebook
+    # Run > Run All Cells, as a person would
+    page.locator(".lm-MenuBar-item", has_text=re.compile(r"^\s*Run\s*$")).click()
+    page.locator(".lm-Menu-item", has=page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^\s*Run All Cells\s*$"))).click()
+    started = time.monotonic()
+    deadline = started + case.timeout
+    cell = page.locator(".jp-NotebookPanel .jp-Notebook .jp-Cell").nth(live_i)
+
+    def state():
+        st = page.evaluate(CELL_STATE_JS, [live_i, list(BAD_TEXT), case.live])
+        assert not st["errors"], "a cell failed:\n" + "\n".join(st["errors"])
+        return st
+
+    def problems(st) -> str:
+        "What shows that a widget did not render: the widget manager's messages, or a model's text repr."
+        if st["bad"]:
+            return f"widget messages in the outputs: {st['bad']}"
+        if TEXT_REPR.search(st["allText"]):
+            return f"a widget shows as its text repr (no widget manager?):\n{st['allText'][-2000:]}"
+        return ""
+
+    # 1. While the watched cell runs: its progress widget is rendered, nothing says it failed to, and it advances.
+    #    ("Loading widget..." may show for an instant: a sample counts only when no such message is on the page.)
+    #    The live screenshot is taken once the bar has moved, and kept only if the cell was still running after it.
+    seen, live_shot, last = [], None, "nothing rendered in the cell yet"
+    while True:
+        st = state()
+        if st["executing"]:
+            last = problems(st) or ("" if st["bars"] else f"no {case.live} in the cell; its output: {st['cellText'][-500:]!r}")
+            if not last:
+                if st["bars"] not in seen:
+                    seen.append(st["bars"])
+                if live_shot is None and len(seen) >= 2:
+                    cell.scroll_into_view_if_needed()
+                    path = shots / f"browser_{NOTEBOOK}_live.png"
+                    _shot(page, path, copies)
+                    after = state()
+                    if after["executing"] and after["bars"] and not problems(after):
+                        live_shot = path
+                if live_shot and len(seen) >= 3:
+                    break
+        elif st["done"]:
+            break  # the cell ended
+        elif not st["anyQueued"] and time.monotonic() - started > 10:
+            pytest.fail(f"Run All stopped before cell {live_i} ran:\n{st['allText'][-3000:]}")
+        assert time.monotonic() < deadline, f"no live progress widget in cell {live_i} within {case.timeout:.0f} s: {last}"
+        time.sleep(0.25)
+    assert seen, f"cell {live_i} ran without its progress widget ever rendered: {last}"
+    assert len(seen) >= 2, f"the progress bar never moved while the cell ran: widths seen {seen}"
+    assert live_shot, f"no screenshot could be taken while cell {live_i} was running with its widget showing"
+
+    # 2. Every cell ran (the added last cell printed SENTINEL); the watched cell's final output is what it should be.
+    while True:
+        st = state()
+        if SENTINEL in st["allText"] and not st["anyQueued"]:
+            break
+        if not st["anyQueued"] and SENTINEL not in st["allText"]:
+            page.wait_for_timeout(1000)  # between two cells nothing may show as queued for an instant
+            if not state()["anyQueued"] and SENTINEL not in state()["allText"]:
+                pytest.fail(f"Run All stopped before the last cell:\n{st['allText'][-3000:]}")
+        assert time.monotonic() < deadline, f"Run All did not finish in {case.timeout:.0f} s: {st['allText'][-3000:]}"
+        time.sleep(0.5)
+    page.wait_for_timeout(500)  # let the last comm messages land
+    cell.scroll_into_view_if_needed()
+    _shot(page, shots / f"browser_{NOTEBOOK}_final.png", copies)
+    st = state()
+    assert not problems(st), f"after the run: {problems(st)}"
+    for sel in case.final_present:
+        assert cell.locator(f".jp-OutputArea-output :is({sel})").count() > 0, f"{sel} missing in cell {live_i}'s output"
+    for sel in case.final_absent:
+        assert cell.locator(f".jp-OutputArea-output :is({sel})").count() == 0, f"{sel} still in cell {live_i}'s output"
+    if case.final_text:
+        assert case.final_text in st["cellText"] + st["nextText"], (st["cellText"], st["nextText"])
+    if case.source is None:
+        assert st["bars"] == "100%", f"the probe's bar ended at {st['bars']}"
+    print(f"progress bar widths seen while live: {seen}")

@@ -1,0 +1,117 @@
+"""In a real Jupyter kernel: train in one cell, press interrupt (the kernel gets SIGINT) at an arbitrary step,
+run `trainer.train()` in the next cell; the final weights and optimizer state are those of an uninterrupted run."""
+import os
+import random
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+jupyter_client = pytest.importorskip("jupyter_client")
+
+TESTS = Path(__file__).parent
+MAX_STEPS = 30
+
+SETUP = f"""
+import hashlib, sys, time
+import torch
+torch.set_num_threads(1)
+sys.path.insert(0, {str(TESTS)!r})
+from conftest import tiny_bert, keyword_dataset
+from nbtrain import Trainer, TrainerCallback, TrainingArguments
+
+class Slow(TrainerCallback):
+    "Gives the test time to press interrupt in the middle of the run; says which step ended."
+    def on_step_end(self, args, state, control, **kwargs):
+        print(f"STEP {{state.global_step}}", flush=True)
+        time.sleep(0.1)
+
+def make_trainer(out):
+    args = TrainingArguments(output_dir=out, max_steps={MAX_STEPS}, per_device_train_batch_size=8, learning_rate=1e-2,
+                             seed=3, logging_steps=1, save_strategy="steps", save_steps=1000, report_to="none",
+                             disable_tqdm=True)
+    return Trainer(tiny_bert(dropout=0.1, seed=0), args, train_dataset=keyword_dataset(64, seed=0), callbacks=[Slow()])
+
+def fingerprint(trainer):
+    "A hash of every weight and optimizer tensor and of the logged losses."
+    h = hashlib.sha256()
+    for k, v in sorted(trainer.model.state_dict().items()): h.update(k.encode()); h.update(v.detach().cpu().numpy().tobytes())
+    for pid, st in sorted(trainer.optimizer.state_dict()["state"].items()):
+        for k, v in sorted(st.items()): h.update(f"{{pid}}.{{k}}".encode()); h.update(v.cpu().numpy().tobytes())
+    h.update(repr([(x["step"], x["loss"]) for x in trainer.state.log_history if "loss" in x]).encode())
+    print("FINGERPRINT", trainer.state.global_step, h.hexdigest())
+"""
+
+
+def run_cell(kc, code: str, timeout: float = 120, on_text=None):
+    "Execute `code`; returns (stdout text, (ename, evalue) or None). `on_text(text_so_far)` sees the output as it comes."
+    msg_id = kc.execute(code)
+    text, error, deadline = [], None, time.monotonic() + timeout
+    while True:
+        msg = kc.get_iopub_msg(timeout=max(1, deadline - time.monotonic()))
+        if msg["parent_header"].get("msg_id") != msg_id: continue
+        kind, content = msg["msg_type"], msg["content"]
+        if kind == "stream":
+            text.append(content["text"])
+            if on_text: on_text("".join(text))
+        elif kind == "error": error = (content["ename"], content["evalue"])
+        elif kind == "status" and content["execution_state"] == "idle": break
+    return "".join(text), error
+
+
+def fingerprint_of(text: str) -> tuple[int, str]:
+    m = re.findall(r"FINGERPRINT (\d+) (\w+)", text)
+    assert m, text[-2000:]
+    return int(m[-1][0]), m[-1][1]
+
+
+@pytest.fixture
+def kernel(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    km = jupyter_client.KernelManager(kernel_name="python3")
+    km.start_kernel(cwd=str(tmp_path), env=env)
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=60)
+        yield km, kc
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+def test_interrupt_then_next_cell_continues_exactly(kernel, tmp_path):
+    km, kc = kernel
+    out, err = run_cell(kc, SETUP)
+    assert err is None, (err, out)
+
+    # the uninterrupted run
+    out, err = run_cell(kc, "t0 = make_trainer('straight'); t0.train(); fingerprint(t0)")
+    assert err is None, (err, out)
+    straight_step, straight = fingerprint_of(out)
+    assert straight_step == MAX_STEPS
+
+    # the interrupted one: press interrupt once some arbitrary step has ended
+    target = random.randint(2, MAX_STEPS - 8)
+    pressed = []
+    def press(text):
+        steps = [int(s) for s in re.findall(r"STEP (\d+)", text)]
+        if not pressed and steps and steps[-1] >= target:
+            km.interrupt_kernel(); pressed.append(steps[-1])
+    out, err = run_cell(kc, "t = make_trainer('split'); t.train()", on_text=press)
+    assert pressed, out
+    assert err is not None and err[0] == "TrainingInterrupted", (err, out[-2000:])
+    stopped_at = int(re.search(r"interrupted at step (\d+)", err[1]).group(1))
+    assert target <= stopped_at < MAX_STEPS, (target, err)
+    assert (tmp_path / "split" / f"checkpoint-{stopped_at}" / "COMPLETE").is_file()
+
+    # the next cell: a plain train()
+    out, err = run_cell(kc, "t.train(); fingerprint(t)")
+    assert err is None, (err, out)
+    assert f"Continuing the interrupted run from" in out and f"checkpoint-{stopped_at}" in out, out[:2000]
+    steps_after = [int(s) for s in re.findall(r"STEP (\d+)", out)]
+    assert steps_after[0] == stopped_at + 1 and steps_after[-1] == MAX_STEPS, steps_after
+    assert fingerprint_of(out) == (MAX_STEPS, straight), f"interrupted at step {stopped_at}: the weights differ"
