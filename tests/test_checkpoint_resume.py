@@ -231,3 +231,41 @@ def test_interrupt_in_the_last_step_of_an_epoch(tiny, make_args, tmp_path):
     case = Case(tiny, make_args, tmp_path, eval_n=16, num_train_epochs=3, eval_strategy="epoch", save_strategy="epoch")
     straight, resumed = case.check(k=8, how="interrupt", expect_steps=24)
     assert [s for s, _ in resumed["evals"]] == [8, 16, 24]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "Trainer bug: train() replaces self.state with the checkpoint's TrainerState, so state.max_steps (which "
+    "FlowCallback stops at) stays the old 8 while the loop's own max_steps is 12: the run stops at step 9, neither 8 "
+    "nor 12. After restore_training, set state.max_steps/num_train_epochs/steps_per_epoch/logging_steps/eval_steps/"
+    "save_steps/train_batch_size to this run's values, and warn with nbtrain.checkpoint.trajectory_differences()"))
+def test_resume_with_more_steps_runs_to_the_new_end_and_warns(tiny, make_args, tmp_path):
+    case = Case(tiny, make_args, tmp_path, max_steps=8)
+    case.stopped(4)
+    case.args["max_steps"] = 12
+    t = case.trainer("split")
+    with pytest.warns(UserWarning, match=r"max_steps: checkpoint 8, now 12"):
+        t.train(resume_from_checkpoint=True)
+    assert t.state.global_step == t.state.max_steps == 12
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "Trainer: resuming with arguments that change the trajectory must warn (issue 4); call "
+    "nbtrain.checkpoint.trajectory_differences(folder, self.args) after resolve_checkpoint and warnings.warn the list"))
+def test_resume_with_another_learning_rate_warns(tiny, make_args, tmp_path):
+    case = Case(tiny, make_args, tmp_path, max_steps=8)
+    case.stopped(4)
+    case.args["learning_rate"] = 5e-3
+    with pytest.warns(UserWarning, match=r"learning_rate: checkpoint 0\.01, now 0\.005"):
+        case.trainer("split").train(resume_from_checkpoint=True)
+
+
+def test_trajectory_differences(tiny, make_args, tmp_path):
+    from nbtrain.checkpoint import trajectory_differences
+    case = Case(tiny, make_args, tmp_path, max_steps=8)
+    case.stopped(4)
+    folder = list_checkpoints(tmp_path / "split")[-1]
+    same = make_args(**{**case.args, "output_dir": str(tmp_path / "elsewhere"), "logging_steps": 3})
+    assert trajectory_differences(folder, same) == []  # output folder and logging do not change the trajectory
+    other = make_args(**{**case.args, "learning_rate": 5e-3, "gradient_accumulation_steps": 2})
+    assert trajectory_differences(folder, other) == ["learning_rate: checkpoint 0.01, now 0.005",
+                                                     "gradient_accumulation_steps: checkpoint 1, now 2"]
