@@ -2,9 +2,10 @@ __version__ = "0.0.1"
 
 from nbtrain.args import TrainingArguments
 from nbtrain.checkpoint import load_checkpoint
+from nbtrain.launch import launch
 from nbtrain.events import EarlyStoppingCallback, TrainerCallback, TrainerControl, TrainerState
 from nbtrain.metrics import EvalPrediction
 from nbtrain.trainer import PredictionOutput, TrainOutput, Trainer
 
 __all__ = ["Trainer", "TrainingArguments", "TrainerCallback", "TrainerControl", "TrainerState", "EarlyStoppingCallback",
-           "EvalPrediction", "PredictionOutput", "TrainOutput", "load_checkpoint"]
+           "EvalPrediction", "PredictionOutput", "TrainOutput", "load_checkpoint", "launch"]

@@ -17,7 +17,7 @@ from .events import TrainerCallback
 # %% auto #0
 __all__ = ['format_duration', 'format_value', 'ConsoleProgress', 'metric_names', 'plot_history', 'display_mode', 'bar_html',
            'table_rows', 'table_html', 'figure_png', 'total_epochs', 'Progress', 'NotebookDashboard', 'close_tree',
-           'default_progress']
+           'relay_to', 'RelayProgress', 'default_progress']
 
 # %% ../nbs/05_dashboard.ipynb #d8db558f
 def format_duration(seconds: float) -> str:
@@ -241,7 +241,7 @@ class NotebookDashboard(TrainerCallback):
     def _epoch_note(self, state):
         self.w_epoch_note.value = f"<code>{state.epoch:.2f}/{total_epochs(state):.4g}</code>"
 
-    def _html_bundle(self, state, final: bool = False) -> dict:
+    def _html_bundle(self, state) -> dict:
         text = f"{self.progress.status}: step {self.progress.note(state)}"
         return {"text/html": self.progress.html(state, state.log_history), "text/plain": text}
 
@@ -257,7 +257,7 @@ class NotebookDashboard(TrainerCallback):
             self._add_rows(state)
         else:
             self.handle.update(self._html_bundle(state), raw=True)
-        if self.dirty and (force or (now - self.last_plot > max(self.plot_every, 50 * self.plot_cost))): self._plot(state)
+        if self.dirty and now - self.last_plot > max(self.plot_every, 50 * self.plot_cost): self._plot(state)
 
     def _add_rows(self, state):
         import ipywidgets as W
@@ -341,7 +341,30 @@ def close_tree(widget):
     widget.close()
 
 # %% ../nbs/05_dashboard.ipynb #a3064d67
+_relay = None  # the queue to the parent, in a process started by `launch`
+
+def relay_to(channel):
+    "Make this process's progress callbacks forward events to `channel` (used by `launch` in its children)."
+    global _relay
+    _relay = channel
+
+class RelayProgress(TrainerCallback):
+    "Forwards rank 0's progress events to the process that draws them."
+    def __init__(self, channel, interval: float = 0.2):
+        self.channel, self.interval, self.last = channel, interval, 0.0
+    def _send(self, event, state, **kw):
+        if state.is_world_process_zero: self.channel.put(("event", event, state.to_json_string(), kw))
+    def on_train_begin(self, args, state, control, **kw): self._send("on_train_begin", state)
+    def on_step_end(self, args, state, control, **kw):
+        now = time.perf_counter()
+        if now - self.last >= self.interval: self.last = now; self._send("on_step_end", state)
+    def on_log(self, args, state, control, logs=None, **kw): self._send("on_log", state, logs=logs)
+    def on_evaluate(self, args, state, control, metrics=None, **kw): self._send("on_evaluate", state, metrics=metrics)
+    def on_train_end(self, args, state, control, outcome="finished", **kw): self._send("on_train_end", state, outcome=outcome)
+
+# %% ../nbs/05_dashboard.ipynb #00e17679
 def default_progress() -> TrainerCallback:
     "The progress callback for where this runs: the notebook dashboard in Jupyter, console lines elsewhere."
+    if _relay is not None: return RelayProgress(_relay)
     mode = display_mode()
     return ConsoleProgress() if mode == "console" else NotebookDashboard(mode)

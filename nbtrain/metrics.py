@@ -70,12 +70,17 @@ class StreamingMetrics:
     def reset(self):
         for m in self.metrics.values(): m.reset()
 
-    def update(self, logits, labels):
-        "Feed one batch to every metric."
+    def update(self, logits, labels, gather: Callable | None = None):
+        "Feed one batch to every metric; across processes, `gather` collects it for metrics that do not sync themselves."
         if not self.metrics: return
         if isinstance(logits, (tuple, list)) and len(logits) == 1: logits = logits[0]
         preds, target = self.prepare(logits, labels)
-        for m in self.metrics.values(): m.update(preds, target)
+        gathered = None
+        for m in self.metrics.values():
+            if gather is None or hasattr(m, "sync_on_compute"): m.update(preds, target)  # torchmetrics syncs in compute()
+            else:
+                if gathered is None: gathered = gather((preds, target))
+                m.update(*gathered)
 
     def compute(self, prefix: str = "eval") -> dict[str, float]:
         "Every metric's value, named `<prefix>_<name>`."

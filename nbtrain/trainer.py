@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import signal
 import threading
 import time
@@ -24,16 +25,18 @@ from torch import nn
 from .args import TrainingArguments
 from .checkpoint import CheckpointCallback, load_weights, resolve_checkpoint, restore_training, save_weights
 from .dashboard import default_progress, plot_history
-from .data import (Collator, ColumnPlan, DataError, column_names, default_collator, make_dataloader,
+from .data import (Collator, ColumnPlan, DataError, EpochSampler, column_names, default_collator, make_dataloader,
                           preflight_batch)
 from .events import CallbackHandler, FlowCallback, TrainerControl, TrainerState
 from .metrics import Accumulator, EvalPrediction, StreamingMetrics, _scalars
 
 # %% auto #0
-__all__ = ['TrainOutput', 'PredictionOutput', 'param_groups', 'make_optimizer', 'make_scheduler', 'split_outputs',
-           'TrainingInterrupted', 'InterruptFlag', 'Trainer']
+__all__ = ['ENV_PRECISION', 'TRAJECTORY_ARGS', 'TrainOutput', 'PredictionOutput', 'param_groups', 'make_optimizer',
+           'make_scheduler', 'split_outputs', 'TrainingInterrupted', 'InterruptFlag', 'Trainer']
 
 # %% ../nbs/06_trainer.ipynb #54985f06
+ENV_PRECISION = "NBTRAIN_MIXED_PRECISION"  # set by `launch` in its children; the Trainer's Accelerator uses it
+
 class TrainOutput(NamedTuple):
     global_step: int
     training_loss: float
@@ -102,6 +105,34 @@ def _item_counts(batches: list[dict], label_names: list[str]) -> list[torch.Tens
     if not all(isinstance(b.get(key), torch.Tensor) for b in batches): return None
     return [(b[key] != -100).sum() for b in batches]
 
+# %% ../nbs/06_trainer.ipynb #40c7e8b1
+def _epoch_sampler(dl):
+    "The `EpochSampler` under Accelerate's wrappers of a DataLoader, or None."
+    obj = getattr(dl, "batch_sampler", None)
+    while obj is not None and not isinstance(getattr(obj, "sampler", None), EpochSampler):
+        obj = getattr(obj, "batch_sampler", None)
+    return obj.sampler if obj is not None else None
+
+# %% ../nbs/06_trainer.ipynb #573987c8
+TRAJECTORY_ARGS = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "optim", "lr_scheduler_type",
+                   "warmup_steps", "warmup_ratio", "max_grad_norm", "max_steps", "num_train_epochs", "seed", "data_seed",
+                   "per_device_train_batch_size", "gradient_accumulation_steps", "group_by_length", "fp16", "bf16")
+
+def _warn_trajectory_changes(folder: Path, args, steps_per_epoch: int):
+    "Warn about every argument that differs from the checkpoint's and changes what training does next."
+    import json
+    saved_path = Path(folder) / "training_args.json"
+    if not saved_path.is_file(): return
+    saved = json.loads(saved_path.read_text())
+    now = args.to_dict()
+    diffs = [f"{k}: {saved[k]!r} in the checkpoint, {now[k]!r} now" for k in TRAJECTORY_ARGS if k in saved and saved[k] != now[k]]
+    state = json.loads((Path(folder) / "trainer_state.json").read_text())
+    if state.get("steps_per_epoch") not in (None, 0, steps_per_epoch):
+        diffs.append(f"steps per epoch: {state['steps_per_epoch']} in the checkpoint, {steps_per_epoch} now (a different dataset?)")
+    if diffs:
+        warnings.warn(f"resuming from {folder} with different arguments; the run will not be the one that was saved:\n  "
+                      + "\n  ".join(diffs), stacklevel=3)
+
 # %% ../nbs/06_trainer.ipynb #d968903b
 class TrainingInterrupted(KeyboardInterrupt):
     "Training stopped cleanly at a step boundary after an interrupt; IPython shows only this message."
@@ -168,6 +199,12 @@ class Trainer:
 
     def _make_accelerator(self) -> Accelerator:
         precision = "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "no"
+        launched = os.environ.get(ENV_PRECISION)  # launch(..., mixed_precision=...) in this process's parent
+        if launched and launched != "no":
+            if precision not in ("no", launched):
+                raise ValueError(f"launch(mixed_precision={launched!r}) and TrainingArguments(fp16/bf16) ask for {precision!r}; "
+                                 "ask for one precision in one place.")
+            precision = launched
         state = AcceleratorState._shared_state
         if state and state.get("_mixed_precision", precision) != precision and state.get("num_processes", 1) == 1:
             AcceleratorState._reset_state()  # one process: a new precision for a new Trainer is safe
@@ -317,6 +354,8 @@ class Trainer:
         self._preflight(self.model, {k: v.to(acc.device) if hasattr(v, "to") else v for k, v in self._first_batch.items()}, eval_dl)
         if acc.is_main_process and not a.disable_tqdm: print(self._train_summary)
 
+        train_dl = acc.prepare_data_loader(train_dl)  # under launch: this process's shard of every global batch
+        sampler = _epoch_sampler(train_dl)
         ga = a.gradient_accumulation_steps
         batches_per_epoch = len(train_dl)
         steps_per_epoch = max(1, math.ceil(batches_per_epoch / ga))
@@ -324,10 +363,8 @@ class Trainer:
         num_epochs = math.ceil(max_steps / steps_per_epoch)
         self.create_optimizer_and_scheduler(max_steps)
         model = self.model_wrapped = acc.prepare_model(self.model)  # DDP's wrapper under launch; self.model stays yours
-        train_dl = acc.prepare_data_loader(train_dl)
         optimizer, scaler = self.optimizer, acc.scaler
         params = [p for p in model.parameters() if p.requires_grad]
-        sampler = train_dl.batch_sampler.sampler if hasattr(train_dl.batch_sampler, "sampler") else None
 
         self.state = TrainerState(max_steps=max_steps, num_train_epochs=num_epochs, steps_per_epoch=steps_per_epoch,
                                   logging_steps=a.logging_steps, eval_steps=a.eval_steps, save_steps=a.save_steps,
@@ -336,6 +373,7 @@ class Trainer:
         start_epoch, skip_steps = 0, 0
         if resume_from_checkpoint:
             folder = resolve_checkpoint(a.output_dir if resume_from_checkpoint is True else resume_from_checkpoint)
+            _warn_trajectory_changes(folder, a, steps_per_epoch)
             self.state = restore_training(folder, self.model, optimizer, self.lr_scheduler, scaler, tuple(self.callbacks))
             self.state.is_local_process_zero, self.state.is_world_process_zero = acc.is_local_main_process, acc.is_main_process
             start_epoch, skip_steps = divmod(self.state.global_step, steps_per_epoch)
@@ -479,7 +517,7 @@ class Trainer:
                     if self.preprocess_logits_for_metrics is not None and logits is not None:
                         logits = self.preprocess_logits_for_metrics(logits, labels)
                     if self.streaming.metrics and logits is not None and labels is not None:
-                        self.streaming.update(*acc.gather_for_metrics((logits, labels)) if acc.num_processes > 1 else (logits, labels))
+                        self.streaming.update(logits, labels, gather=acc.gather_for_metrics if acc.num_processes > 1 else None)
                     if kept is not None and logits is not None:
                         kept.add(*(acc.gather_for_metrics((logits, labels)) if acc.num_processes > 1 else (logits, labels)))
                     self._fire("on_prediction_step", eval_dataloader=dataloader)
