@@ -21,11 +21,11 @@ from safetensors.torch import load_file, save_file
 from .events import TrainerCallback, TrainerState, is_better, metric_value
 
 # %% auto #0
-__all__ = ['PREFIX', 'MARKER', 'WEIGHTS', 'TRAJECTORY_ARGS', 'CheckpointError', 'optimizer_to_files', 'optimizer_from_files',
-           'rng_to_files', 'rng_from_files', 'save_weights', 'check_weight_files', 'weights_mismatch', 'read_weights',
-           'load_weights', 'is_complete', 'list_checkpoints', 'latest_checkpoint', 'clean_leftovers', 'save_checkpoint',
-           'rotate_checkpoints', 'resolve_checkpoint', 'load_checkpoint', 'restore_training', 'trajectory_differences',
-           'read_loop_state', 'CheckpointCallback']
+__all__ = ['PREFIX', 'MARKER', 'WEIGHTS', 'CheckpointError', 'optimizer_to_files', 'optimizer_from_files', 'rng_to_files',
+           'rng_from_files', 'save_weights', 'check_weight_files', 'weights_mismatch', 'read_weights', 'load_weights',
+           'is_complete', 'list_checkpoints', 'latest_checkpoint', 'clean_leftovers', 'save_checkpoint',
+           'rotate_checkpoints', 'resolve_checkpoint', 'load_checkpoint', 'restore_training', 'read_loop_state',
+           'CheckpointCallback']
 
 # %% ../nbs/04_checkpoint.ipynb #6898e118
 PREFIX = "checkpoint"
@@ -75,10 +75,10 @@ def _read_state(path: Path): return _read_json(path, _untag)
 
 def _load_tensors(path: Path) -> dict:
     "`safetensors.torch.load_file`, with an error that names the file when it is damaged, cut short or not safetensors."
+    if not path.is_file(): raise CheckpointError(f"{path} is missing: the checkpoint is incomplete or was edited. Use another checkpoint.")
     try: return load_file(path)
     except Exception as e:
-        size = path.stat().st_size if path.exists() else None
-        raise CheckpointError(f"{path} cannot be read as safetensors ({size} bytes; {type(e).__name__}: {e}). The file is "
+        raise CheckpointError(f"{path} cannot be read as safetensors ({path.stat().st_size} bytes; {type(e).__name__}: {e}). The file is "
                               "truncated, damaged or not a safetensors file (a pickle is never loaded). Use another "
                               "checkpoint.") from e
 
@@ -369,20 +369,6 @@ def restore_training(folder: Path, model, optimizer=None, scheduler=None, scaler
         if cb_state is not None and hasattr(cb, "load_state_dict"): cb.load_state_dict(cb_state)
     rng_from_files(folder)
     return state
-
-TRAJECTORY_ARGS = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "optim", "max_grad_norm",
-                   "lr_scheduler_type", "warmup_steps", "warmup_ratio", "max_steps", "num_train_epochs",
-                   "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "data_seed", "fp16", "bf16",
-                   "dataloader_drop_last", "group_by_length")
-
-def trajectory_differences(folder: str | Path, args) -> list[str]:
-    "The arguments that change the training trajectory and differ between `args` and the run that saved `folder`."
-    f = Path(folder) / "training_args.json"
-    if not f.is_file(): return []
-    saved, now = _read_json(f), args.to_dict()
-    names = [n for n in TRAJECTORY_ARGS if n in saved and n in now]
-    if saved.get("max_steps", -1) > 0 and now.get("max_steps", -1) > 0: names.remove("num_train_epochs")
-    return [f"{n}: checkpoint {saved[n]!r}, now {now[n]!r}" for n in names if saved[n] != now[n]]
 
 def read_loop_state(folder: str | Path) -> dict:
     "The `loop_state` a checkpoint was saved with (`{}` when none)."

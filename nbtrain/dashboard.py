@@ -5,7 +5,6 @@
 # %% ../nbs/05_dashboard.ipynb #49ee5afb
 from __future__ import annotations
 
-import base64
 import html
 import io
 import math
@@ -16,8 +15,8 @@ from .events import TrainerCallback
 
 # %% auto #0
 __all__ = ['format_duration', 'format_value', 'ConsoleProgress', 'metric_names', 'plot_history', 'display_mode', 'bar_html',
-           'table_rows', 'table_html', 'figure_png', 'total_epochs', 'Progress', 'NotebookDashboard', 'close_tree',
-           'relay_to', 'RelayProgress', 'default_progress']
+           'table_rows', 'table_html', 'nice_ticks', 'svg_panel', 'history_svg', 'total_epochs', 'Progress',
+           'NotebookDashboard', 'close_tree', 'relay_to', 'RelayProgress', 'default_progress']
 
 # %% ../nbs/05_dashboard.ipynb #d8db558f
 def format_duration(seconds: float) -> str:
@@ -153,19 +152,72 @@ def _cells(values, tag="td") -> str:
     return "".join(f'<{tag} style="padding:2px 10px;text-align:right">{html.escape(format_value(v) if v is not None else "")}</{tag}>'
                    for v in values)
 
-def table_html(rows: list[dict]) -> str:
-    "The metrics table as an HTML table."
+def table_html(rows: list[dict], last: int | None = None) -> str:
+    "The metrics table as an HTML table; with `last`, only its last rows and a line saying how many are hidden."
     if not rows: return ""
-    cols = _columns(rows)
-    body = "".join(f"<tr>{_cells([r.get(c) for c in cols])}</tr>" for r in rows)
-    return f'<table style="font-family:monospace;font-size:12px"><tr>{_cells(cols, "th")}</tr>{body}</table>'
+    cols, shown = _columns(rows), rows[-last:] if last else rows
+    body = "".join(f"<tr>{_cells([r.get(c) for c in cols])}</tr>" for r in shown)
+    more = (f'<div style="font-family:monospace;font-size:11px;color:#666">{len(rows) - len(shown)} earlier rows '
+            "in the final snapshot</div>") if len(shown) < len(rows) else ""
+    return more + f'<table style="font-family:monospace;font-size:12px"><tr>{_cells(cols, "th")}</tr>{body}</table>'
 
-def figure_png(log_history: list[dict], dpi: int = 72) -> bytes | None:
-    "The loss/metric figure as PNG bytes, or None before anything was logged."
-    if not any("loss" in h or "eval_loss" in h for h in log_history): return None
-    buf = io.BytesIO()
-    plot_history(log_history).savefig(buf, format="png", dpi=dpi)
-    return buf.getvalue()
+def nice_ticks(lo: float, hi: float, n: int = 4) -> list[float]:
+    "About `n` round tick values covering [lo, hi]."
+    if hi <= lo: return [lo]
+    raw = (hi - lo) / n
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    first = math.ceil(lo / step) * step
+    return [round(first + i * step, 12) for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+def _thin(points: list, most: int = 300) -> list:
+    "At most `most` points — the last of each of `most` equal step ranges — so a redraw's bytes stop growing with the run."
+    if len(points) <= most: return points
+    lo, hi = points[0][0], points[-1][0]
+    bins = {}
+    for x, y in points: bins[min(most - 1, int((x - lo) / (hi - lo) * most))] = (x, y)
+    return [bins[b] for b in sorted(bins)]
+
+def svg_panel(series: list[tuple], title: str, x0: float = 0, width: int = 300, height: int = 200, most: int = 300) -> str:
+    "One chart as SVG elements: `series` is [(label, color, [(x, y), ...], markers), ...]."
+    pts = [p for _, _, ps, _ in series for p in ps]
+    if not pts: return ""
+    left, right, top, bottom = 46, 8, 18, 26
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    xlo, xhi = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    ylo, yhi = min(ys), max(ys)
+    pad = (yhi - ylo) * 0.08 or abs(yhi) * 0.05 or 0.05
+    ylo, yhi = ylo - pad, yhi + pad
+    X = lambda x: x0 + left + (x - xlo) / (xhi - xlo) * (width - left - right)
+    Y = lambda y: top + (yhi - y) / (yhi - ylo) * (height - top - bottom)
+    out = [f'<text x="{x0 + width / 2:.0f}" y="12" text-anchor="middle" font-size="11">{html.escape(title)}</text>',
+           f'<rect x="{x0 + left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" fill="none" stroke="#999"/>']
+    for t in nice_ticks(ylo, yhi):
+        out.append(f'<text x="{x0 + left - 4}" y="{Y(t) + 3:.1f}" text-anchor="end" font-size="9">{format_value(float(t))}</text>'
+                   f'<line x1="{x0 + left}" x2="{x0 + width - right}" y1="{Y(t):.1f}" y2="{Y(t):.1f}" stroke="#eee"/>')
+    for t in nice_ticks(xlo, xhi):
+        out.append(f'<text x="{X(t):.1f}" y="{height - 12}" text-anchor="middle" font-size="9">{t:g}</text>')
+    out.append(f'<text x="{x0 + width - right}" y="{height - 2}" text-anchor="end" font-size="9">step</text>')
+    for i, (label, color, ps, markers) in enumerate(series):
+        ps = _thin(ps, most)
+        path = " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in ps)
+        out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="1.5"/>')
+        if markers and len(ps) <= 60: out += [f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="2.5" fill="{color}"/>' for x, y in ps]
+        out.append(f'<text x="{x0 + width - right - 4}" y="{top + 12 + 11 * i}" text-anchor="end" font-size="9" fill="{color}">{html.escape(label)}</text>')
+    return "".join(out)
+
+def history_svg(log_history: list[dict], width: int = 300, height: int = 200, most: int = 300) -> str | None:
+    "The loss and metric panels as one SVG image, drawn without matplotlib (a millisecond, a few kB)."
+    train = [(h["step"], h["loss"]) for h in log_history if isinstance(h.get("loss"), (int, float))]
+    evals = [(h["step"], h["eval_loss"]) for h in log_history if isinstance(h.get("eval_loss"), (int, float))]
+    if not train and not evals: return None
+    panels = [svg_panel([("train loss", "#1f77b4", train, False), ("eval loss", "#ff7f0e", evals, True)], "loss", 0, width, height, most)]
+    for i, name in enumerate(metric_names(log_history), 1):
+        pts = [(h["step"], h[name]) for h in log_history if isinstance(h.get(name), (int, float))]
+        panels.append(svg_panel([(name.removeprefix("eval_"), "#2ca02c", pts, True)], name.removeprefix("eval_"), i * width, width, height, most))
+    w = width * len(panels)
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{height}" viewBox="0 0 {w} {height}" '
+            f'font-family="sans-serif">{"".join(panels)}</svg>')
 
 # %% ../nbs/05_dashboard.ipynb #7048874b
 def total_epochs(state) -> float:
@@ -203,8 +255,10 @@ class Progress:
 # %% ../nbs/05_dashboard.ipynb #93456bec
 class NotebookDashboard(TrainerCallback):
     "The live dashboard: ipywidgets in a kernel (`mode='widgets'`) or HTML display updates (`mode='html'`)."
-    def __init__(self, mode: str | None = None, interval: float = 0.25, plot_every: float = 1.0):
-        self.mode, self.interval, self.plot_every = mode or display_mode(), interval, plot_every
+    def __init__(self, mode: str | None = None, interval: float = 0.25, plot_every: float = 1.0, table_rows: int = 8,
+                 live_points: int = 50):
+        self.mode, self.interval, self.plot_every, self.live_rows = mode or display_mode(), interval, plot_every, table_rows
+        self.live_points = live_points
         self.live = False
 
     # ---- building -----------------------------------------------------------------------------
@@ -213,7 +267,7 @@ class NotebookDashboard(TrainerCallback):
         from IPython.display import display
         self.progress, self.live, self.dirty = Progress(state), True, False
         self.last_update = self.last_plot = 0.0
-        self.plot_cost, self.rows_shown = 0.0, 0
+        self.rows_shown, self.eval_start = 0, None
         if state.global_step: self.progress.status = f"training, continuing from step {state.global_step}"
         if self.mode == "widgets":
             self.box = self._widgets(state)
@@ -223,64 +277,39 @@ class NotebookDashboard(TrainerCallback):
 
     def _widgets(self, state):
         import ipywidgets as W
-        row = lambda *c: W.HBox(list(c), layout=W.Layout(align_items="center"))
-        label = lambda t: W.HTML(f"<code>{t}</code>", layout=W.Layout(width="4em"))
+        bar = lambda cls, label, **kw: cls(description=label, style={"description_width": "3.5em"}, **kw)
         self.w_status = W.HTML(f"<b><code>{self.progress.status}</code></b>")
-        self.w_epoch, self.w_epoch_note = W.FloatProgress(value=state.epoch, max=total_epochs(state) or 1), W.HTML()
-        self.w_step = W.IntProgress(value=state.global_step, max=max(state.max_steps, 1))
-        self.w_step_note = W.HTML(f"<code>{html.escape(self.progress.note(state))}</code>")
-        self.w_eval, self.w_eval_note = W.IntProgress(value=0, max=1), W.HTML()
-        self.w_eval_row = row(label("eval"), self.w_eval, self.w_eval_note)
+        self.w_epoch = bar(W.FloatProgress, "epoch", value=state.epoch, max=total_epochs(state) or 1)
+        self.w_step = bar(W.IntProgress, "step", value=state.global_step, max=max(state.max_steps, 1))
+        self.w_note = W.HTML(self._note(state))
+        self.w_eval, self.w_eval_note = bar(W.IntProgress, "eval", value=0, max=1), W.HTML()
+        self.w_eval_row = W.HBox([self.w_eval, self.w_eval_note])
         self.w_eval_row.layout.display = "none"
-        self.w_table = W.VBox([])
-        self.w_plot = W.Image(format="png", layout=W.Layout(max_width="100%"))
-        self._epoch_note(state)
-        return W.VBox([self.w_status, row(label("epoch"), self.w_epoch, self.w_epoch_note),
-                       row(label("step"), self.w_step, self.w_step_note), self.w_eval_row, self.w_table, self.w_plot])
+        self.w_table, self.w_plot = W.HTML(), W.HTML()
+        return W.VBox([self.w_status, W.HBox([self.w_epoch, self.w_step]), self.w_note, self.w_eval_row, self.w_table, self.w_plot])
 
-    def _epoch_note(self, state):
-        self.w_epoch_note.value = f"<code>{state.epoch:.2f}/{total_epochs(state):.4g}</code>"
+    def _note(self, state) -> str:
+        return f"<code>epoch {state.epoch:.2f}/{total_epochs(state):.4g} · step {html.escape(self.progress.note(state))}</code>"
 
     def _html_bundle(self, state) -> dict:
         text = f"{self.progress.status}: step {self.progress.note(state)}"
         return {"text/html": self.progress.html(state, state.log_history), "text/plain": text}
 
-    # ---- updating ---------------------------------------------------------------------------
+    # ---- updating -----------------------------------------------------------------------------
     def _refresh(self, state, force: bool = False):
         now = time.perf_counter()
         if not force and now - self.last_update < self.interval: return
         self.last_update = now
         if self.mode == "widgets":
-            self.w_step.value, self.w_epoch.value = state.global_step, state.epoch
-            self.w_step_note.value = f"<code>{html.escape(self.progress.note(state))}</code>"
-            self._epoch_note(state)
-            self._add_rows(state)
+            self.w_step.value, self.w_epoch.value, self.w_note.value = state.global_step, state.epoch, self._note(state)
+            rows = table_rows(state.log_history)
+            if len(rows) != self.rows_shown:  # the last rows only: each update's size stays the same as the run grows
+                self.w_table.value, self.rows_shown = table_html(rows, last=self.live_rows), len(rows)
+            if self.dirty and now - self.last_plot > self.plot_every:
+                self.w_plot.value = history_svg(state.log_history, most=self.live_points) or ""
+                self.last_plot, self.dirty = now, False
         else:
             self.handle.update(self._html_bundle(state), raw=True)
-        if self.dirty and now - self.last_plot > max(self.plot_every, 50 * self.plot_cost): self._plot(state)
-
-    def _add_rows(self, state):
-        import ipywidgets as W
-        rows = table_rows(state.log_history)
-        if len(rows) == self.rows_shown: return
-        cols = _columns(rows)
-        width = f"repeat({len(cols)}, minmax(6em, max-content))"
-        grid = lambda cells, bold=False: W.HTML(
-            f'<div style="display:grid;grid-template-columns:{width};font-family:monospace;font-size:12px;'
-            f'{"font-weight:bold;" if bold else ""}">' + "".join(f'<span style="padding:1px 8px;text-align:right">{html.escape(c)}</span>'
-                                                                 for c in cells) + "</div>")
-        new = [grid(cols, bold=True)] if self.rows_shown == 0 else []
-        new += [grid([format_value(r.get(c)) if r.get(c) is not None else "" for c in cols]) for r in rows[self.rows_shown:]]
-        self.w_table.children = self.w_table.children + tuple(new)
-        self.rows_shown = len(rows)
-
-    def _plot(self, state):
-        if self.mode != "widgets": self.dirty = False; return  # the HTML mode shows the figure in the final snapshot
-        t = time.perf_counter()
-        png = figure_png(state.log_history)
-        if png is not None: self.w_plot.value = png
-        self.last_plot, self.dirty = time.perf_counter(), False
-        self.plot_cost = self.last_plot - t
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.live: self._refresh(state)
@@ -293,25 +322,29 @@ class NotebookDashboard(TrainerCallback):
 
     def on_evaluate(self, args, state, control, **kwargs):
         if not self.live: return
-        self.progress.status = "training"
-        if self.mode == "widgets": self.w_eval_row.layout.display = "none"
+        self.progress.status, self.eval_start = "training", None
+        if self.mode == "widgets":
+            self.w_status.value = "<b><code>training</code></b>"
+            self.w_eval_row.layout.display = "none"
         self._refresh(state, force=True)
 
     def on_prediction_step(self, args, state, control, **kwargs):
-        if not self.live: return
-        p = self.progress
-        if p.status != "evaluating":
-            p.status, p.eval_done = "evaluating", 0
+        "The evaluation bar, shown only for evaluations that last longer than an update interval."
+        if not self.live or self.mode != "widgets": return
+        p, now = self.progress, time.perf_counter()
+        if self.eval_start is None:
+            self.eval_start, p.eval_done = now, 0
             dl = kwargs.get("eval_dataloader")
             p.eval_total = len(dl) if dl is not None and hasattr(dl, "__len__") else 0
-            if self.mode == "widgets":
-                self.w_eval.max, self.w_eval.value, self.w_eval_row.layout.display = max(p.eval_total, 1), 0, None
         p.eval_done += 1
-        now = time.perf_counter()
-        if self.mode == "widgets" and now - self.last_update >= self.interval:
-            self.last_update = now
-            self.w_eval.value = p.eval_done
-            self.w_eval_note.value = f"<code>{p.eval_done}/{p.eval_total}</code>"
+        if now - self.eval_start < self.interval or now - self.last_update < self.interval: return
+        self.last_update = now
+        if p.status != "evaluating":
+            p.status = "evaluating"
+            self.w_status.value = "<b><code>evaluating</code></b>"
+            self.w_eval.max, self.w_eval_row.layout.display = max(p.eval_total, 1), None
+        self.w_eval.value = p.eval_done
+        self.w_eval_note.value = f"<code>{p.eval_done}/{p.eval_total}</code>"
 
     # ---- the snapshot -------------------------------------------------------------------------
     def on_train_end(self, args, state, control, outcome: str = "finished", **kwargs):
@@ -324,11 +357,8 @@ class NotebookDashboard(TrainerCallback):
                     }.get(outcome, f"{outcome} at step {state.global_step} of {state.max_steps}")
         if self.mode == "widgets": close_tree(self.box)  # no comm left open in the kernel or the saved notebook
         bundle = self._html_bundle(state)
-        png = figure_png(state.log_history)
-        if png is not None:
-            b64 = base64.b64encode(png).decode()
-            bundle["text/html"] += f'<img src="data:image/png;base64,{b64}" alt="loss and metrics"/>'
-            bundle["image/png"] = b64
+        svg = history_svg(state.log_history)
+        if svg is not None: bundle["text/html"] += svg; bundle["image/svg+xml"] = svg
         self.handle.update(bundle, raw=True)
 
 # %% ../nbs/05_dashboard.ipynb #61331dac

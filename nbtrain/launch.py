@@ -43,13 +43,14 @@ def _child(rank: int, world: int, port: int, precision: str, channel, received, 
     GradientState._reset_state()
     PartialState(cpu=cpu)  # joins the process group: gloo over loopback on CPUs, NCCL on GPUs
     relay_to(channel)  # this process's Trainers report progress to the parent
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // world)))
     try:
         result = fn(*args, **kwargs)
         if rank == 0:
             from safetensors.torch import save
-            weights = [save({k: v.detach().cpu().contiguous() for k, v in a.state_dict().items()}) if isinstance(a, torch.nn.Module)
-                       else None for a in args]  # bytes: nothing that needs this process alive to be read
+            # bytes: nothing that needs this process alive to be read; cloned, as tied weights share memory
+            weights = [save({k: v.detach().cpu().clone().contiguous() for k, v in a.state_dict().items()})
+                       if isinstance(a, torch.nn.Module) else None for a in args]
             channel.put(("result", rank, result, weights))
         else: channel.put(("done", rank))
         received.wait(timeout=60)  # tensors in `result` travel as shared memory owned by this process
@@ -64,7 +65,7 @@ def _child(rank: int, world: int, port: int, precision: str, channel, received, 
 
 # %% ../nbs/07_launch.ipynb #04e0c880
 def _check_cuda_not_initialized():
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_initialized():  # not is_available(): that call itself can spoil CUDA in forked children
         raise RuntimeError("launch: CUDA is already initialised in this notebook's process (a tensor or model was put on the GPU, "
                            "or torch.cuda was queried), and forked children cannot use it. Restart the kernel and keep every "
                            "GPU call inside the function you pass to launch: build the model and the Trainer there.")
@@ -75,13 +76,14 @@ def launch(fn: Callable, *args, num_processes: int = 2, mixed_precision: str = "
         raise ValueError(f"mixed_precision={mixed_precision!r}: use 'no', 'fp16' or 'bf16'.")
     if num_processes < 1: raise ValueError(f"num_processes={num_processes}: must be 1 or more.")
     _check_cuda_not_initialized()
+    import torch._dynamo  # noqa: F401 -- the optimizer's first step imports it: once here, not once per child
     ctx = mp.get_context("fork")  # functions defined in a notebook cannot be pickled for spawn
     channel, received = ctx.Queue(), ctx.Event()
     port = _free_port()
     procs = [ctx.Process(target=_child, args=(r, num_processes, port, mixed_precision, channel, received, fn, args, kwargs), daemon=True)
              for r in range(num_processes)]
     for p in procs: p.start()
-    progress, result, weights, finished = None, None, None, 0
+    progress, state, result, weights, finished = None, None, None, None, 0
     try:
         while finished < num_processes:
             try: msg = channel.get(timeout=0.5)
@@ -103,6 +105,10 @@ def launch(fn: Callable, *args, num_processes: int = 2, mixed_precision: str = "
                 finished += 1
                 if kind == "result": _, _, result, weights = msg
         received.set()
+    except BaseException:
+        if progress is not None and state is not None and getattr(progress, "live", True):  # the snapshot, then the error
+            progress.on_train_end(None, state, None, outcome="failed")
+        raise
     finally:
         for p in procs:
             p.join(timeout=5 if finished == num_processes else 0.5)

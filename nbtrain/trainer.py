@@ -23,7 +23,8 @@ from accelerate.utils import set_seed
 from torch import nn
 
 from .args import TrainingArguments
-from .checkpoint import CheckpointCallback, load_weights, resolve_checkpoint, restore_training, save_weights
+from .checkpoint import (CheckpointCallback, load_weights, read_loop_state, resolve_checkpoint, restore_training,
+                                save_weights)
 from .dashboard import default_progress, plot_history
 from .data import (Collator, ColumnPlan, DataError, EpochSampler, column_names, default_collator, make_dataloader,
                           preflight_batch)
@@ -190,6 +191,7 @@ class Trainer:
         self.accelerator = self._make_accelerator()
         self.state, self.control = TrainerState(), TrainerControl()
         self.last_checkpoint, self._eval_dl, self._interrupted_at = None, None, None
+        self._tr_loss, self._total_loss, self._logged_steps = torch.zeros(()), 0.0, 0
         defaults = [FlowCallback()]
         if self.args.output_dir: defaults.append(CheckpointCallback())  # also saves on interrupt with save_strategy="no"
         if not self.args.disable_tqdm: defaults.append(default_progress())
@@ -278,7 +280,7 @@ class Trainer:
         was_training = model.training
         model.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self.accelerator.autocast():
                 try: loss, _ = self.compute_loss(model, dict(batch), return_outputs=True)
                 except DataError: raise
                 except Exception as e:
@@ -299,7 +301,7 @@ class Trainer:
         "Metric names from one evaluation batch (streaming metrics and `compute_metrics`)."
         batch = next(iter(eval_dl))
         batch = {k: v.to(self.accelerator.device) if hasattr(v, "to") else v for k, v in batch.items()}
-        loss, logits = split_outputs(model(**batch))
+        with self.accelerator.autocast(): loss, logits = split_outputs(model(**batch))
         labels = self._labels(batch)
         names = dict.fromkeys(self.streaming.metrics)
         if self.compute_metrics is not None:
@@ -317,6 +319,16 @@ class Trainer:
         return found[0] if len(found) == 1 else (found or None)
 
     # ---- training ---------------------------------------------------------------------------
+    def _wrap_model(self) -> nn.Module:
+        "The model on its device, in DDP across processes; `self.model` itself is never changed otherwise."
+        acc = self.accelerator
+        model = self.model.to(acc.device)
+        if acc.num_processes > 1:
+            # not Accelerate's prepare_model: that also patches the model's forward with autocast for good, and a
+            # later fp32 run of the same model (or a plain call in the notebook) would still run in bf16
+            model = nn.parallel.DistributedDataParallel(model, device_ids=[acc.local_process_index] if acc.device.type == "cuda" else None)
+        return model
+
     def _backward(self, loss: torch.Tensor):
         "`loss.backward()`, through the fp16 grad scaler when there is one."
         scaler = self.accelerator.scaler
@@ -339,7 +351,9 @@ class Trainer:
         "What a checkpoint holds, for `save_checkpoint`."
         return dict(model=self.model, optimizer=self.optimizer, scheduler=self.lr_scheduler,
                     scaler=self.accelerator.scaler, args=self.args, callbacks=tuple(self.callbacks),
-                    processing_class=self.processing_class)
+                    processing_class=self.processing_class,
+                    # the loss summed since the last log: a resumed run logs the same losses as an uninterrupted one
+                    loop_state={"tr_loss": float(self._tr_loss), "total_loss": self._total_loss, "logged_steps": self._logged_steps})
 
     def train(self, resume_from_checkpoint: bool | str | None = None) -> TrainOutput:
         "Train; `resume_from_checkpoint=True` (latest complete checkpoint) or a path continues a saved run exactly."
@@ -362,7 +376,7 @@ class Trainer:
         max_steps = a.max_steps if a.max_steps > 0 else math.ceil(a.num_train_epochs * steps_per_epoch)
         num_epochs = math.ceil(max_steps / steps_per_epoch)
         self.create_optimizer_and_scheduler(max_steps)
-        model = self.model_wrapped = acc.prepare_model(self.model)  # DDP's wrapper under launch; self.model stays yours
+        model = self.model_wrapped = self._wrap_model()
         optimizer, scaler = self.optimizer, acc.scaler
         params = [p for p in model.parameters() if p.requires_grad]
 
@@ -370,11 +384,16 @@ class Trainer:
                                   logging_steps=a.logging_steps, eval_steps=a.eval_steps, save_steps=a.save_steps,
                                   train_batch_size=a.train_batch_size * acc.num_processes,
                                   is_local_process_zero=acc.is_local_main_process, is_world_process_zero=acc.is_main_process)
-        start_epoch, skip_steps = 0, 0
+        start_epoch, skip_steps, loop = 0, 0, {}
         if resume_from_checkpoint:
             folder = resolve_checkpoint(a.output_dir if resume_from_checkpoint is True else resume_from_checkpoint)
-            _warn_trajectory_changes(folder, a, steps_per_epoch)
+            fresh = self.state
             self.state = restore_training(folder, self.model, optimizer, self.lr_scheduler, scaler, tuple(self.callbacks))
+            _warn_trajectory_changes(folder, a, steps_per_epoch)
+            for name in ("max_steps", "num_train_epochs", "steps_per_epoch", "logging_steps", "eval_steps", "save_steps",
+                         "train_batch_size"):  # this run's plan, not the saved one's
+                setattr(self.state, name, getattr(fresh, name))
+            loop = read_loop_state(folder)
             self.state.is_local_process_zero, self.state.is_world_process_zero = acc.is_local_main_process, acc.is_main_process
             start_epoch, skip_steps = divmod(self.state.global_step, steps_per_epoch)
         self.control = TrainerControl()
@@ -385,7 +404,10 @@ class Trainer:
         start_time, start_step = time.perf_counter(), self.state.global_step
         tr_loss = torch.zeros((), device=acc.device)  # running sum since the last log, kept on device
         self._total_loss, self._logged_steps, self._saved_step = 0.0, self.state.global_step, self.state.global_step
+        if loop: tr_loss.fill_(loop["tr_loss"]); self._total_loss, self._logged_steps = loop["total_loss"], loop["logged_steps"]
+        self._tr_loss = tr_loss
         distributed = acc.num_processes > 1
+        autocast = acc.autocast if acc.mixed_precision != "no" else contextlib.nullcontext
         interrupt = InterruptFlag()
         model.train()
         try:
@@ -407,7 +429,7 @@ class Trainer:
                         self._fire("on_step_begin")
                         for i, batch in enumerate(window):
                             sync = contextlib.nullcontext() if not distributed or i == n - 1 else acc.no_sync(model)
-                            with sync:
+                            with sync, autocast():
                                 loss = self.compute_loss(model, batch)
                                 if n > 1: loss = loss * (counts[i] / total) if counts else loss / n
                                 self._backward(loss)
@@ -424,21 +446,23 @@ class Trainer:
                         self.state.global_step += 1
                         self.state.epoch = epoch + (update + 1) / steps_per_epoch
                         self._fire("on_step_end")
-                        tr_loss = self._maybe_log_save_evaluate(tr_loss, grad_norm)
+                        last = update == steps_per_epoch - 1 or remaining <= 0
+                        # at an epoch's last step, a save waits for the epoch-end evaluation, so the checkpoint has it
+                        tr_loss = self._maybe_log_save_evaluate(tr_loss, grad_norm, defer_save=last)
                         if self.control.should_epoch_stop or self.control.should_training_stop or interrupt.requested: break
-                    if interrupt.requested: break
+                    if interrupt.requested and not last: break
                     self._fire("on_epoch_end")
                     tr_loss = self._maybe_log_save_evaluate(tr_loss, None)
-                    if self.control.should_training_stop: break
+                    if self.control.should_training_stop or interrupt.requested: break
         except BaseException as e:  # a failure: the progress shows where it stopped, then the error propagates
             self._fire("on_train_end", outcome="failed", error=e)
             raise
-        if interrupt.requested: self._stop_interrupted()
+        if interrupt.requested: self._tr_loss = tr_loss; self._stop_interrupted()
 
         self._total_loss += tr_loss.item()
         runtime = time.perf_counter() - start_time
         steps_done = max(1, self.state.global_step - start_step)
-        train_loss = self._total_loss / steps_done
+        train_loss = self._total_loss / max(1, self.state.global_step if loop else steps_done)  # a resumed run: over all steps
         metrics = {"train_runtime": round(runtime, 4), "train_samples_per_second": round(steps_done * self.state.train_batch_size / runtime, 3),
                    "train_steps_per_second": round(steps_done / runtime, 3), "train_loss": train_loss}
         if a.load_best_model_at_end and self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint).is_dir():
@@ -468,7 +492,7 @@ class Trainer:
               "(train(resume_from_checkpoint=False) starts a new run instead).")
         return self._interrupted_at
 
-    def _maybe_log_save_evaluate(self, tr_loss: torch.Tensor, grad_norm) -> torch.Tensor:
+    def _maybe_log_save_evaluate(self, tr_loss: torch.Tensor, grad_norm, defer_save: bool = False) -> torch.Tensor:
         "Act on the flags callbacks set: the only place the loop reads values from the device."
         c = self.control
         if c.should_log and self.state.global_step > self._logged_steps:
@@ -482,10 +506,12 @@ class Trainer:
             tr_loss = torch.zeros_like(tr_loss)
             self._log(logs)
         if c.should_evaluate: self.evaluate()
-        if c.should_save and self.state.global_step != self._saved_step:  # the last step is often also an epoch end
-            self._saved_step = self.state.global_step
+        pending = c.should_save and defer_save
+        if c.should_save and not defer_save and self.state.global_step != self._saved_step:  # the last step is often also an epoch end
+            self._saved_step, self._tr_loss = self.state.global_step, tr_loss
             self._fire("on_save")
         c._new_step()
+        c.should_save = pending
         return tr_loss
 
     def _log(self, logs: dict):
@@ -509,7 +535,7 @@ class Trainer:
             with torch.no_grad():
                 for batch in dataloader:
                     batch = {k: v.to(acc.device) if hasattr(v, "to") else v for k, v in batch.items()}
-                    loss, logits = split_outputs(model(**batch))
+                    with acc.autocast(): loss, logits = split_outputs(model(**batch))
                     labels = self._labels(batch)
                     bs = len(next(iter(batch.values())))
                     if loss is not None: loss_sum += loss.detach().float() * bs; n_loss += bs

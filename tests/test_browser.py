@@ -32,6 +32,8 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--disable-dev-shm-usage"]
+POLL = 0.5             # seconds between two looks at the page (textContent only: no layout, little CPU)
+LIVE_SHOT_EVERY = 10.0  # seconds between live screenshots (the last one taken while the cell runs is kept)
 SENTINEL = "NBTRAIN-BROWSER-TEST-ALL-CELLS-RAN"
 BAD_TEXT = ("Loading widget", "Error displaying widget", "Error creating widget", "Could not create")
 # what JupyterLab shows instead of a widget when the widget manager is missing: the model's text repr
@@ -52,7 +54,7 @@ class Case:
     source: Path | None          # the notebook to copy and run; None: the probe above
     live_cell: str               # text of the cell to watch while it executes (first cell containing it)
     live: str = PROGRESS         # the progress widget that must be rendered in that cell while it runs
-    final_present: list = field(default_factory=list)  # selectors in that cell once all cells have run
+    final_present: list = field(default_factory=list)  # selectors in that cell's output once all cells have run
     final_absent: list = field(default_factory=list)
     final_text: str | None = None     # text in that cell's or the next cell's output once all have run
     timeout: float = 180.0       # seconds for the whole Run All
@@ -61,8 +63,8 @@ class Case:
 CASES = {
     "probe": Case(None, "IntProgress(", final_present=[PROGRESS], final_text="done: 60/60"),
     # the quick start: the dashboard is ipywidgets while train() runs, a static HTML + image snapshot after it
-    "quickstart": Case(ROOT / "nbs" / "index.ipynb", "trainer.train(", final_present=["img"],
-                       final_absent=[PROGRESS], timeout=1200.0),
+    "quickstart": Case(ROOT / "nbs" / "index.ipynb", "trainer.train(", final_present=["img, svg"],
+                       final_absent=[PROGRESS], final_text="eval_accuracy", timeout=1200.0),
 }
 # The one switch: which notebook the browser runs. NBTRAIN_BROWSER_NOTEBOOK overrides it for a run.
 NOTEBOOK = os.environ.get("NBTRAIN_BROWSER_NOTEBOOK", "probe")
@@ -230,8 +232,8 @@ CELL_STATE_JS = """([i, bad, live]) => {
   const cells = [...document.querySelectorAll('.jp-NotebookPanel .jp-Notebook .jp-Cell')];
   const cell = cells[i];
   const prompts = cells.map(c => (c.querySelector('.jp-InputPrompt') || {}).textContent || '');
-  const texts = c => c ? [...c.querySelectorAll('.jp-OutputArea-output')].map(o => o.innerText).join('\\n') : '';
-  const outputs = [...document.querySelectorAll('.jp-NotebookPanel .jp-OutputArea-output')].map(o => o.innerText);
+  const texts = c => c ? [...c.querySelectorAll('.jp-OutputArea-output')].map(o => o.textContent).join('\\n') : '';
+  const outputs = [...document.querySelectorAll('.jp-NotebookPanel .jp-OutputArea-output')].map(o => o.textContent);
   const widgets = cell ? [...cell.querySelectorAll(live)] : [];
   return {
     n: cells.length,
@@ -243,19 +245,27 @@ CELL_STATE_JS = """([i, bad, live]) => {
     nextText: texts(cells[i + 1]),
     bad: outputs.filter(t => bad.some(b => t.includes(b))),
     errors: [...document.querySelectorAll('.jp-NotebookPanel .jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]')]
-             .map(o => o.innerText).filter(t => /Traceback \\(most recent call last\\)/.test(t)),
+             .map(o => o.textContent).filter(t => /Traceback \\(most recent call last\\)/.test(t)),
     allText: outputs.join('\\n'),
   };
 }"""
 
 
-def _shot(page, path: Path, copies: list):
-    "Screenshot the page to `path`, and copy it to tests/artifacts/ for a person to look at."
+def _shot(page, path: Path, cell=None) -> Path:
+    "Screenshot the page to `path`, with `cell`'s output scrolled to the bottom of the window (its code above it)."
+    if cell is not None:
+        cell.locator(".jp-Cell-outputWrapper").evaluate("e => e.scrollIntoView({block: 'end'})")
     page.screenshot(path=str(path))
+    return path
+
+
+def _keep(path: Path, copies: list):
+    "Copy a screenshot to tests/artifacts/ (ignored by git: the folder ignores itself) for a person to look at."
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / ".gitignore").write_text("*\n")
     shutil.copy(path, ARTIFACTS / path.name)
-    copies.append(ARTIFACTS / path.name)
+    if ARTIFACTS / path.name not in copies:
+        copies.append(ARTIFACTS / path.name)
 
 
 def test_notebook_widgets_render_live_in_jupyterlab(tmp_path):
@@ -288,7 +298,7 @@ def test_notebook_widgets_render_live_in_jupyterlab(tmp_path):
                 _run(page, lab, name, case, live_i, n_cells, shots, copies)
             except BaseException:
                 try:
-                    _shot(page, shots / f"browser_{NOTEBOOK}_failure.png", copies)
+                    _keep(_shot(page, shots / f"browser_{NOTEBOOK}_failure.png"), copies)
                 except Exception:
                     pass
                 print("jupyter log tail:\n" + lab.tail(), "\nbrowser console errors:\n" + "\n".join(console[-30:]))
@@ -345,33 +355,34 @@ def _run(page, lab, name, case, live_i, n_cells, shots, copies):
 
     # 1. While the watched cell runs: its progress widget is rendered, nothing says it failed to, and it advances.
     #    ("Loading widget..." may show for an instant: a sample counts only when no such message is on the page.)
-    #    The live screenshot is taken once the bar has moved, and kept only if the cell was still running after it.
-    seen, live_shot, last = [], None, "nothing rendered in the cell yet"
+    #    Screenshots: "live_first" once the bar has moved, then "live" every LIVE_SHOT_EVERY s, the last one kept
+    #    that was taken while the cell was still running (checked after the shot) with its widget showing.
+    seen, shot_at, last = [], {}, "nothing rendered in the cell yet"
     while True:
         st = state()
         if st["executing"]:
             last = problems(st) or ("" if st["bars"] else f"no {case.live} in the cell; its output: {st['cellText'][-500:]!r}")
             if not last:
-                if st["bars"] not in seen:
+                if st["bars"] != (seen[-1] if seen else None):
                     seen.append(st["bars"])
-                if live_shot is None and len(seen) >= 2:
-                    cell.scroll_into_view_if_needed()
-                    path = shots / f"browser_{NOTEBOOK}_live.png"
-                    _shot(page, path, copies)
+                due = "live_first" if "live_first" not in shot_at else "live"
+                wait = 0 if due == "live_first" else LIVE_SHOT_EVERY
+                if len(seen) >= 2 and time.monotonic() - max(shot_at.values(), default=0) >= wait:
+                    pending = _shot(page, shots / "pending.png", cell)
                     after = state()
                     if after["executing"] and after["bars"] and not problems(after):
-                        live_shot = path
-                if live_shot and len(seen) >= 3:
-                    break
+                        _keep(pending.replace(shots / f"browser_{NOTEBOOK}_{due}.png"), copies)
+                        shot_at[due] = time.monotonic()
         elif st["done"]:
             break  # the cell ended
         elif not st["anyQueued"] and time.monotonic() - started > 10:
             pytest.fail(f"Run All stopped before cell {live_i} ran:\n{st['allText'][-3000:]}")
-        assert time.monotonic() < deadline, f"no live progress widget in cell {live_i} within {case.timeout:.0f} s: {last}"
-        time.sleep(0.25)
+        assert time.monotonic() < deadline, \
+            f"cell {live_i} still running after {case.timeout:.0f} s" + (f": {last}" if last else " (its widget rendered)")
+        time.sleep(POLL)
     assert seen, f"cell {live_i} ran without its progress widget ever rendered: {last}"
     assert len(seen) >= 2, f"the progress bar never moved while the cell ran: widths seen {seen}"
-    assert live_shot, f"no screenshot could be taken while cell {live_i} was running with its widget showing"
+    assert "live_first" in shot_at, f"no screenshot could be taken while cell {live_i} was running with its widget showing"
 
     # 2. Every cell ran (the added last cell printed SENTINEL); the watched cell's final output is what it should be.
     while True:
@@ -383,10 +394,9 @@ def _run(page, lab, name, case, live_i, n_cells, shots, copies):
             if not state()["anyQueued"] and SENTINEL not in state()["allText"]:
                 pytest.fail(f"Run All stopped before the last cell:\n{st['allText'][-3000:]}")
         assert time.monotonic() < deadline, f"Run All did not finish in {case.timeout:.0f} s: {st['allText'][-3000:]}"
-        time.sleep(0.5)
+        time.sleep(POLL)
     page.wait_for_timeout(500)  # let the last comm messages land
-    cell.scroll_into_view_if_needed()
-    _shot(page, shots / f"browser_{NOTEBOOK}_final.png", copies)
+    _keep(_shot(page, shots / f"browser_{NOTEBOOK}_final.png", cell), copies)
     st = state()
     assert not problems(st), f"after the run: {problems(st)}"
     for sel in case.final_present:
@@ -397,4 +407,4 @@ def _run(page, lab, name, case, live_i, n_cells, shots, copies):
         assert case.final_text in st["cellText"] + st["nextText"], (st["cellText"], st["nextText"])
     if case.source is None:
         assert st["bars"] == "100%", f"the probe's bar ended at {st['bars']}"
-    print(f"progress bar widths seen while live: {seen}")
+    print(f"progress bar widths seen while live ({len(seen)} states): {seen[:3]} ... {seen[-2:]}")

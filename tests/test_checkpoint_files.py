@@ -162,6 +162,10 @@ def pickles(marker: Path) -> dict:
 def test_planted_pickle_is_refused(tiny, make_args, tmp_path, checkpoint, name, fmt):
     marker = tmp_path / "side-effect"
     (checkpoint / name).write_bytes(pickles(marker)[fmt])
+    trainer = resuming_trainer(tiny, make_args, tmp_path)
+    with pytest.raises(Exception):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert not marker.exists(), "the pickle ran"
     assert_resume_refused(tiny, make_args, tmp_path, checkpoint, rf"{checkpoint / name}")
     if name == "model.safetensors":
         with pytest.raises(CheckpointError, match=rf"{checkpoint / name}.*a pickle is never loaded"):

@@ -1,0 +1,306 @@
+"""The notebook dashboard in real Jupyter kernels (no mocks): what a saved notebook holds, what the kernel sends
+over iopub, what a kernel interrupt leaves behind, and what a script prints.
+
+The model is `tiny_train.TinyNet` (an MLP on 8 features, about a millisecond a step on one thread), so a 2,000-step
+run with evaluation takes a few seconds and the display's own cost and traffic show. Run with `pytest -s` to see
+the byte figures.
+"""
+from __future__ import annotations
+
+import html
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+jupyter_client = pytest.importorskip("jupyter_client")
+pytest.importorskip("ipywidgets")
+pytest.importorskip("torchmetrics")
+
+from jupyter_client.session import json_packer
+
+from nbtrain.dashboard import format_value
+
+TESTS = Path(__file__).resolve().parent
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+       "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg", "PYTHONPATH": os.pathsep.join(
+           [str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+SETUP = f"import sys; sys.path.insert(0, {str(TESTS)!r})\nimport json, time, torch\nfrom tiny_train import make_trainer\n" \
+        "from nbtrain import TrainerCallback"
+DASHBOARD_MSGS = ("comm_open", "comm_msg", "comm_close", "display_data", "update_display_data")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def msg_bytes(msg: dict) -> int:
+    "Size of a message as sent: its serialized content plus its binary buffers (headers left out)."
+    return len(json_packer(msg["content"])) + sum(memoryview(b).nbytes for b in msg.get("buffers") or [])
+
+
+def run_cell(kc, code: str, timeout: float = 120, on_msg=None) -> list[dict]:
+    "Execute `code`; every iopub message of that execution, until the kernel is idle again. `on_msg(msg)` sees each as it comes."
+    msg_id = kc.execute(code)
+    msgs, deadline = [], time.monotonic() + timeout
+    while True:
+        msg = kc.get_iopub_msg(timeout=max(1, deadline - time.monotonic()))
+        if msg["parent_header"].get("msg_id") != msg_id: continue
+        msgs.append(msg)
+        if on_msg: on_msg(msg)
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle": return msgs
+
+
+def stdout_of(msgs) -> str:
+    return "".join(m["content"]["text"] for m in msgs if m["msg_type"] == "stream" and m["content"]["name"] == "stdout")
+
+
+def error_of(msgs) -> dict | None:
+    errs = [m["content"] for m in msgs if m["msg_type"] == "error"]
+    return errs[-1] if errs else None
+
+
+def ok(msgs) -> str:
+    "The cell's stdout, after checking that it raised nothing."
+    err = error_of(msgs)
+    assert err is None, f"{err['ename']}: {err['evalue']}\n" + "\n".join(err["traceback"])[-3000:]
+    return stdout_of(msgs)
+
+
+def table(snapshot_html: str) -> tuple[list[str], list[list[str]]]:
+    "The header and body rows of the snapshot's metrics table, as displayed text."
+    m = re.search(r"<table.*?</table>", snapshot_html, re.S)
+    assert m, f"no metrics table in the snapshot HTML: {snapshot_html[:2000]}"
+    rows = [[html.unescape(c) for c in re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", r, re.S)]
+            for r in re.findall(r"<tr>(.*?)</tr>", m.group(0), re.S)]
+    return rows[0], rows[1:]
+
+
+def expected_rows(log_history: list[dict]) -> list[dict]:
+    """What the table must show, from `log_history` alone: per evaluation its step, epoch, the latest train loss
+    logged at or before it, and each eval value except timings — formatted by `format_value`."""
+    rows, train_loss = [], None
+    for h in log_history:
+        if "loss" in h: train_loss = h["loss"]
+        if "eval_loss" in h:
+            row = {"step": h["step"], "epoch": h["epoch"], "train_loss": train_loss,
+                   **{k: v for k, v in h.items() if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))}}
+            rows.append({k: format_value(v) for k, v in row.items()})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory):
+    "One python3 kernel (ipykernel, ipywidgets available) shared by the tests that drive it with jupyter_client."
+    cwd = tmp_path_factory.mktemp("kernel")
+    km = jupyter_client.KernelManager(kernel_name="python3")
+    km.start_kernel(cwd=str(cwd), env=ENV)
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=90)
+        ok(run_cell(kc, SETUP))
+        yield km, kc, cwd
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+# ---------------------------------------------------------------------------------------------- a. saved notebook
+def test_saved_notebook_holds_widget_state_and_static_snapshot(tmp_path):
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell(SETUP),
+        nbformat.v4.new_code_cell("trainer = make_trainer(max_steps=300, eval_steps=100, logging_steps=50)\n"
+                                  "out = trainer.train()"),
+        nbformat.v4.new_code_cell("print(json.dumps(trainer.state.log_history))"),
+    ])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    client = nbclient.NotebookClient(nb, timeout=180, kernel_name="python3", store_widget_state=True,
+                                     resources={"metadata": {"path": str(tmp_path)}})
+    client.execute(env=ENV)  # the kernel's environment: offline, one thread, no GUI backend
+    saved = tmp_path / "trained.ipynb"
+    nbformat.write(nb, saved)
+    nb = nbformat.read(saved, as_version=4)  # what a person reopening the notebook gets
+
+    # the widget state holds the progress bars (ipywidgets 8 model names)
+    state = nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    models = {s["model_name"] for s in state.values()}
+    assert {"IntProgressModel", "FloatProgressModel"} <= models, sorted(models)
+
+    # the training cell's final outputs: the static snapshot, no widget view left to render
+    outputs = nb.cells[1].outputs
+    displays = [o for o in outputs if o.output_type in ("display_data", "execute_result")]
+    assert displays, outputs
+    assert not any("application/vnd.jupyter.widget-view+json" in o.data for o in displays), \
+        "a widget view is left in the saved outputs instead of the snapshot"
+    snap = displays[-1].data
+    assert "text/html" in snap and "image/svg+xml" in snap, sorted(snap)
+    assert snap["image/svg+xml"].startswith("<svg") and "<polyline" in snap["image/svg+xml"]
+    assert snap["image/svg+xml"] in snap["text/html"]  # the plot is also inside the HTML
+    assert "finished: 300 steps" in snap["text/html"] and "finished: 300 steps" in snap["text/plain"]
+
+    # the metrics table's values are those of log_history, as format_value writes them
+    history = json.loads("".join(o.text for o in nb.cells[2].outputs if o.output_type == "stream"))
+    want = expected_rows(history)
+    assert len(want) == 3 and want[-1]["step"] == "300" and "eval_accuracy" in want[-1], want
+    header, body = table(snap["text/html"])
+    assert len(body) == len(want), (header, body, want)
+    shown = [dict(zip(header, r)) for r in body]
+    for got, exp in zip(shown, want):
+        assert {k: got.get(k) for k in exp} == exp, f"table row {got} differs from log_history {exp}"
+
+
+# ---------------------------------------------------------------------------------------------- b. iopub bytes
+def dashboard_traffic(kc, eval_steps: int) -> tuple[int, dict, list[dict]]:
+    "A 2,000-step run with an evaluation every `eval_steps`: the bytes of the dashboard's messages, by type, and all messages."
+    msgs = run_cell(kc, f"trainer = make_trainer(max_steps=2000, eval_steps={eval_steps}, logging_steps=50)\n"
+                        "out = trainer.train()", timeout=240)
+    ok(msgs)
+    per_type = {t: sum(msg_bytes(m) for m in msgs if m["msg_type"] == t) for t in DASHBOARD_MSGS}
+    return sum(per_type.values()), per_type, msgs
+
+
+@pytest.fixture(scope="module")
+def traffic(kernel):
+    "The two runs the byte tests compare: 20 evaluations (every 100 steps) and 4x as many (every 25 steps)."
+    km, kc, _ = kernel
+    return {20: dashboard_traffic(kc, 100), 80: dashboard_traffic(kc, 25)}
+
+
+def test_iopub_bytes_bounded(traffic):
+    (base, base_types, msgs), (many, many_types, msgs4) = traffic[20], traffic[80]
+    report = (f"dashboard iopub bytes, 2000 steps: eval every 100 steps (20 evals) {base:,} B {base_types}; "
+              f"every 25 steps (80 evals) {many:,} B {many_types}; ratio {many / base:.2f}x")
+    print("\n" + report)
+    # nothing dangling: every comm the run opened is closed, so the saved notebook holds only the snapshot
+    for ms in (msgs, msgs4):
+        opened = {m["content"]["comm_id"] for m in ms if m["msg_type"] == "comm_open"}
+        closed = {m["content"]["comm_id"] for m in ms if m["msg_type"] == "comm_close"}
+        assert opened and opened <= closed, f"{len(opened - closed)} comms left open"
+        assert [m["msg_type"] for m in ms].count("display_data") == 1  # one output area, updated in place
+    assert base < 3_000_000, report
+    assert many < 4 * base, report
+
+
+def state_updates(msgs) -> list[dict]:
+    "Widget state updates without binary buffers."
+    return [m for m in msgs if m["msg_type"] == "comm_msg" and not m.get("buffers")
+            and m["content"]["data"].get("method") == "update"]
+
+
+def test_bytes_per_update_do_not_grow_with_the_run(traffic):
+    """Issue 3: 'the bytes sent per update stay bounded as the run grows (send what changed, not the whole table)'.
+
+    The table shows its last rows live, so its updates keep one size; the live figure keeps at most a fixed number of
+    points a line, so its updates stop growing once a line has that many (80 evaluations are past it, 20 are not)."""
+    sizes = {}
+    for n, (_, _, msgs) in traffic.items():
+        ups = state_updates(msgs)
+        tables = [msg_bytes(m) for m in ups if "<table" in str(m["content"]["data"]["state"].get("value", ""))]
+        plots = [msg_bytes(m) for m in ups if "<svg" in str(m["content"]["data"]["state"].get("value", ""))]
+        sizes[n] = (max(tables), max(plots), max(msg_bytes(m) for m in ups))
+    print(f"\nlargest update (table, figure, any): {sizes[20]} B with 20 evaluations, {sizes[80]} B with 80")
+    assert sizes[80][0] <= 1.25 * sizes[20][0], f"the table update grew: {sizes}"
+    assert sizes[80][2] < 20_000 and sizes[20][2] < 20_000, f"an update is larger than the live figure's bound: {sizes}"
+
+
+# ---------------------------------------------------------------------------------------------- c. interrupt
+INTERRUPT_CELLS = """
+class Count(TrainerCallback):
+    "Counts optimizer steps and tells the test (every 25 steps) how far the run is."
+    def __init__(self): self.optimizer_steps = 0
+    def on_optimizer_step(self, args, state, control, **kwargs): self.optimizer_steps += 1
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % 25 == 0: print(f"STEP {state.global_step}", flush=True)
+
+class Record(TrainerCallback):
+    "Keeps the weights as they are at the end of step `step`."
+    def __init__(self, step): self.step, self.weights = step, None
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step: self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+ARGS = dict(max_steps=3000, eval_steps=100, logging_steps=50)
+"""
+
+
+def test_interrupt_stops_at_a_step_with_consistent_state(kernel):
+    km, kc, cwd = kernel
+    ok(run_cell(kc, INTERRUPT_CELLS))
+    target = random.randint(300, 1500)
+    pressed = []
+
+    def press(msg):
+        if pressed or msg["msg_type"] != "stream": return
+        steps = [int(s) for s in re.findall(r"STEP (\d+)", msg["content"]["text"])]
+        if steps and steps[-1] >= target:
+            km.interrupt_kernel(); pressed.append(steps[-1])
+
+    msgs = run_cell(kc, "count = Count()\n"
+                        "t = make_trainer(output_dir='interrupted', callbacks=[count], **ARGS)\n"
+                        "t.train()", timeout=240, on_msg=press)
+    assert pressed, f"the run ended before step {target}: " + stdout_of(msgs)[-2000:]
+
+    # the cell ends in a short error: TrainingInterrupted's one line, no stack
+    err = error_of(msgs)
+    assert err is not None and err["ename"] == "TrainingInterrupted", (err, stdout_of(msgs)[-2000:])
+    m = re.search(r"Training interrupted at step (\d+) of 3000", err["evalue"])
+    assert m, err["evalue"]
+    stopped = int(m.group(1))
+    assert pressed[0] <= stopped < 3000, (pressed, stopped)
+    assert len(err["traceback"]) <= 3 and len("\n".join(err["traceback"])) < 600, err["traceback"]
+    assert "Training interrupted at step" in "\n".join(err["traceback"])
+    assert (cwd / "interrupted" / f"checkpoint-{stopped}" / "COMPLETE").is_file()
+
+    # the same output area now holds the snapshot, and it says "interrupted"
+    updates = [m["content"]["data"] for m in msgs if m["msg_type"] == "update_display_data"]
+    assert updates, [m["msg_type"] for m in msgs]
+    snap = updates[-1]
+    for mime in ("text/plain", "text/html"):
+        assert f"interrupted at step {stopped} of 3000" in snap[mime], snap[mime][:1000]
+    opened = {m["content"]["comm_id"] for m in msgs if m["msg_type"] == "comm_open"}
+    closed = {m["content"]["comm_id"] for m in msgs if m["msg_type"] == "comm_close"}
+    assert opened <= closed, f"{len(opened - closed)} comms left open after the interrupt"
+
+    # counters agree with the optimizer steps applied, and the weights are an uninterrupted run's at that step
+    out = ok(run_cell(kc, f"""
+record = Record({stopped})
+ref = make_trainer(output_dir='straight', callbacks=[record], **ARGS)
+ref.train()
+same = {{k: torch.equal(v, record.weights[k]) for k, v in t.model.state_dict().items()}}
+print(json.dumps(dict(global_step=t.state.global_step, optimizer_steps=count.optimizer_steps,
+                      ref_steps=ref.state.global_step, recorded=record.weights is not None, same=same)))
+""", timeout=240))
+    res = json.loads(out.strip().splitlines()[-1])
+    print(f"\ninterrupt pressed after step {pressed[0]} (target {target}); stopped at step {stopped}; "
+          f"optimizer steps {res['optimizer_steps']}; traceback {err['traceback']}")
+    assert res["global_step"] == res["optimizer_steps"] == stopped, res
+    assert res["recorded"] and res["ref_steps"] == 3000, res
+    assert all(res["same"].values()), f"interrupted at step {stopped}: weights differ from the uninterrupted run's: {res['same']}"
+
+
+# ---------------------------------------------------------------------------------------------- d. script
+def test_script_prints_one_line_per_log_event(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(f"{SETUP}\n"
+                      "trainer = make_trainer(max_steps=400, eval_steps=100, logging_steps=50)\n"
+                      "trainer.train()\n"
+                      "open('history.json', 'w').write(json.dumps(trainer.state.log_history))\n")
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    history = json.loads((tmp_path / "history.json").read_text())
+    log_events = [h for h in history if "train_runtime" not in h]  # each on_log call during training
+    assert len([h for h in log_events if "loss" in h]) == 8 and len([h for h in log_events if "eval_loss" in h]) == 4
+    out = proc.stdout
+    assert "\r" not in out, "carriage returns: a redrawing bar, not lines"
+    lines = out.splitlines()
+    step_lines = [l for l in lines if l.startswith("step ")]
+    summary = [l for l in lines if not l.startswith("step ")]
+    # the summary lines: the columns used, the run's plan, the final summary
+    assert len(summary) <= 3 and sum(l.startswith("done: 400 steps") for l in summary) == 1, summary
+    assert len(step_lines) <= len(log_events), f"{len(step_lines)} progress lines for {len(log_events)} log events:\n{out}"
+    assert len(lines) <= len(log_events) + 3, out

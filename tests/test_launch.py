@@ -1,0 +1,496 @@
+"""`launch`: real multi-process data parallelism from a notebook (gloo on CPUs), one dashboard in the parent, the
+trained weights back in the caller's model, child failures raised with their traceback, and mixed precision.
+
+Everything runs on the CPU with tiny models (a 4-feature linear regression, a few steps), two processes at most,
+one torch thread each. The notebook tests run one real ipykernel through nbclient, so what they see is what a
+saved notebook holds. `bench/gpu_check.py` (the GPU check) is exercised here through `--help` and `--cpu-smoke`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch._dynamo  # noqa: F401  torch's optimizers import it lazily; imported once here, not in every forked child
+from torch import nn
+
+psutil = pytest.importorskip("psutil")
+
+from nbtrain import Trainer, TrainingArguments, launch
+from nbtrain.launch import LaunchError
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+       "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg", "PYTHONPATH": os.pathsep.join(
+           [str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+
+N, GLOBAL_BATCH, STEPS = 64, 16, 8   # 4 steps an epoch: two epochs, each rank 8 examples a step
+
+
+# ---------------------------------------------------------------------------------------------- model and data
+class Regress(nn.Module):
+    """Linear regression that records, for every training forward, the example ids of its batch and the autocast
+    state it ran under. `idx` is a forward argument so that the Trainer keeps the column (and the model ignores it)."""
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 1)
+        self.seen: list[list[int]] = []
+        self.autocast: list[tuple] = []
+
+    def forward(self, x, labels=None, idx=None):
+        pred = self.lin(x).squeeze(-1)
+        if self.training and torch.is_grad_enabled():  # not the Trainer's preflight (eval mode, no grad)
+            if idx is not None: self.seen.append(idx.tolist())
+            self.autocast.append((torch.is_autocast_enabled("cpu"), str(torch.get_autocast_dtype("cpu")), str(pred.dtype)))
+        out = {"logits": pred}
+        if labels is not None: out["loss"] = nn.functional.mse_loss(pred.float(), labels)
+        return out
+
+
+def make_data(n: int = N) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, generator=g)
+    w = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    return [{"x": xi, "labels": float(xi @ w + 1), "idx": i} for i, xi in enumerate(x)]
+
+
+def make_model(seed: int = 0) -> Regress:
+    torch.manual_seed(seed)
+    return Regress()
+
+
+def make_args(world: int = 1, **kw) -> TrainingArguments:
+    defaults = dict(output_dir=None, max_steps=STEPS, per_device_train_batch_size=GLOBAL_BATCH // world, learning_rate=0.05,
+                    logging_steps=1, save_strategy="no", report_to="none", seed=0, disable_tqdm=True)
+    return TrainingArguments(**{**defaults, **kw})
+
+
+def losses(log_history: list[dict]) -> list[float]:
+    return [h["loss"] for h in log_history if "loss" in h]
+
+
+def child_pids() -> set[int]:
+    "Live (not zombie) descendants of this process."
+    out = set()
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE: out.add(p.pid)
+        except psutil.NoSuchProcess: pass
+    return out
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    "Two cores are shared: the in-process runs use one thread too (children set their own)."
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------------- 1. data parallelism
+def _train_and_report(model: Regress, out_dir: str, data: list[dict]):
+    "The function `launch` runs: trains with the global batch split over the ranks, writes what this rank saw."
+    import torch.distributed as dist
+    from accelerate import PartialState
+    state = PartialState()
+    world = state.num_processes
+    trainer = Trainer(model, make_args(world), train_dataset=data)
+    out = trainer.train()
+    report = {"rank": state.process_index, "num_processes": world, "dist_initialized": dist.is_initialized(),
+              "dist_world": dist.get_world_size() if dist.is_initialized() else None,
+              "dist_backend": dist.get_backend() if dist.is_initialized() else None,
+              "env_rank": os.environ.get("RANK"), "distributed_type": str(state.distributed_type),
+              "trainer_processes": trainer.accelerator.num_processes, "seen": model.seen, "global_step": out.global_step}
+    Path(out_dir, f"rank{state.process_index}.json").write_text(json.dumps(report))
+    return {"world": world, "global_step": out.global_step, "loss": out.training_loss,
+            "weights": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+
+
+def test_two_processes_split_every_global_batch_and_match_one_process(tmp_path):
+    data = make_data()
+    model, alone = make_model(), make_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pids = child_pids()
+
+    result = launch(_train_and_report, model, str(tmp_path), data, num_processes=2)
+
+    assert child_pids() <= pids, "launch left child processes behind"
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for r, rep in enumerate(reports):
+        assert rep["rank"] == r and rep["env_rank"] == str(r)
+        assert rep["num_processes"] == 2 and rep["trainer_processes"] == 2, rep
+        assert rep["dist_initialized"] and rep["dist_world"] == 2 and rep["dist_backend"] == "gloo", rep
+        assert rep["distributed_type"] == "DistributedType.MULTI_CPU", rep
+        assert rep["global_step"] == STEPS and len(rep["seen"]) == STEPS, rep
+        assert all(len(b) == GLOBAL_BATCH // 2 for b in rep["seen"]), rep["seen"]
+
+    # what one process sees with the whole global batch, from the same initial weights
+    out = Trainer(alone, make_args(1), train_dataset=data).train()
+    assert len(alone.seen) == STEPS
+
+    r0, r1 = reports[0]["seen"], reports[1]["seen"]
+    for step, (a, b, whole) in enumerate(zip(r0, r1, alone.seen)):
+        assert not set(a) & set(b), f"step {step}: both ranks trained on {sorted(set(a) & set(b))}"
+        assert sorted(a + b) == sorted(whole), f"step {step}: ranks saw {sorted(a + b)}, one process {sorted(whole)}"
+    for epoch in range(STEPS * GLOBAL_BATCH // N):  # each epoch covers the data once, split in halves
+        per_epoch = N // GLOBAL_BATCH
+        e0 = {i for b in r0[epoch * per_epoch:(epoch + 1) * per_epoch] for i in b}
+        e1 = {i for b in r1[epoch * per_epoch:(epoch + 1) * per_epoch] for i in b}
+        assert not e0 & e1 and e0 | e1 == set(range(N)) and len(e0) == len(e1) == N // 2, (epoch, sorted(e0), sorted(e1))
+
+    # rank 0's result came back, and its trained weights are in the model passed in
+    assert result["world"] == 2 and result["global_step"] == STEPS
+    trained = model.state_dict()
+    for k in before:
+        assert not torch.equal(trained[k], before[k]), f"{k} did not change in the caller's model"
+        assert torch.equal(trained[k], result["weights"][k]), f"{k}: the caller's model is not rank 0's final weights"
+        assert torch.allclose(trained[k], alone.state_dict()[k], atol=1e-6, rtol=0), \
+            f"{k}: 2 processes {trained[k]} vs 1 process {alone.state_dict()[k]}"
+    assert abs(result["loss"] - out.training_loss) < 1e-5, (result["loss"], out.training_loss)
+
+
+class Tied(nn.Module):
+    "Input embedding and output layer share one weight, as in GPT-2, BERT's MLM head, T5 and most language models."
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(8, 4), nn.Linear(4, 8, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, input_ids, labels=None):
+        logits = self.head(self.emb(input_ids))
+        return {"logits": logits, "loss": nn.functional.cross_entropy(logits, labels)} if labels is not None else {"logits": logits}
+
+
+def _train_tied(model: Tied):
+    data = [{"input_ids": i % 8, "labels": (i + 1) % 8} for i in range(32)]
+    Trainer(model, make_args(1, max_steps=4, learning_rate=0.1), train_dataset=data).train()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_model_with_tied_weights_comes_back_trained():
+    "Tied weights are two state_dict entries for one tensor: launch must still bring the trained model back."
+    torch.manual_seed(0)
+    model = Tied()
+    before = model.emb.weight.detach().clone()
+    final = launch(_train_tied, model, num_processes=1)
+    assert model.head.weight is model.emb.weight, "the weights are no longer tied in the caller's model"
+    assert not torch.equal(model.emb.weight, before), "the caller's model was not trained"
+    assert torch.equal(model.emb.weight, final["emb.weight"]) and torch.equal(model.head.weight, final["head.weight"])
+
+
+# ---------------------------------------------------------------------------------------------- 3. a failing child
+def _fail_on_rank_1(model: Regress, data: list[dict]):
+    "Rank 1 raises in its third training forward, while rank 0 waits for it in the gradient all-reduce."
+    rank = int(os.environ["RANK"])
+    original = model.forward
+
+    def forward_that_breaks(**batch):
+        if rank == 1 and len(model.seen) >= 2: raise_the_child_error(len(model.seen))
+        return original(**batch)
+    model.forward = forward_that_breaks
+    Trainer(model, make_args(2), train_dataset=data).train()
+
+
+def raise_the_child_error(step: int):
+    raise ValueError(f"boom on rank {os.environ['RANK']} at step {step}")
+
+
+def test_child_error_raised_with_its_traceback_and_no_process_left():
+    model = make_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pids = child_pids()
+    t0 = time.monotonic()
+    with pytest.raises(LaunchError) as info:
+        launch(_fail_on_rank_1, model, make_data(), num_processes=2)
+    elapsed = time.monotonic() - t0
+    text = str(info.value)
+    assert "rank 1 of 2" in text, text
+    assert "ValueError: boom on rank 1 at step 2" in text, text
+    assert "Traceback (most recent call last)" in text and "raise_the_child_error" in text \
+        and "forward_that_breaks" in text, text
+    assert child_pids() <= pids, f"left behind: {child_pids() - pids}"
+    assert elapsed < 30, f"launch took {elapsed:.1f}s to stop the other rank"
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "a failed run changed the caller's model"
+
+
+# ---------------------------------------------------------------------------------------------- 4. bf16 on the CPU
+def _autocast_states(model: Regress) -> set[tuple]:
+    return set(model.autocast)
+
+
+def full_loss(model: Regress, data: list[dict]) -> float:
+    "MSE on all the data, in fp32 without autocast: the yardstick for 'the loss decreased'."
+    x, y = torch.stack([d["x"] for d in data]), torch.tensor([d["labels"] for d in data])
+    with torch.no_grad(), torch.autocast("cpu", enabled=False): return float(nn.functional.mse_loss(model.lin(x).squeeze(-1), y))
+
+
+def learned(ls: list[float]) -> bool:
+    "Finite logged losses whose last three average under half the first three."
+    return len(ls) == 12 and all(torch.isfinite(torch.tensor(ls))) and sum(ls[-3:]) < 0.5 * sum(ls[:3])
+
+
+BF16 = (True, "torch.bfloat16", "torch.bfloat16")   # autocast on, its dtype, the dtype of the Linear's output
+
+
+def test_bf16_trainer_on_cpu_runs_forward_under_autocast_and_learns():
+    model, data = make_model(), make_data()
+    start = full_loss(model, data)
+    trainer = Trainer(model, make_args(1, bf16=True, max_steps=12, learning_rate=0.3), train_dataset=data)
+    assert trainer.accelerator.mixed_precision == "bf16"
+    trainer.train()
+    assert _autocast_states(model) == {BF16}, model.autocast[:3]
+    assert learned(losses(trainer.state.log_history)), trainer.state.log_history
+    assert full_loss(model, data) < 0.5 * start, (start, full_loss(model, data))
+    assert all(p.dtype == torch.float32 for p in model.parameters()), "mixed precision must keep fp32 master weights"
+
+
+def test_fp32_trainer_after_a_bf16_one_on_the_same_model_runs_in_fp32():
+    "`bf16=False` means fp32, even for a model that an earlier bf16 Trainer trained in this notebook."
+    model = make_model()
+    Trainer(model, make_args(1, bf16=True, max_steps=2), train_dataset=make_data()).train()
+    model.autocast.clear()
+    Trainer(model, make_args(1, max_steps=2), train_dataset=make_data()).train()
+    assert _autocast_states(model) == {(False, "torch.bfloat16", "torch.float32")}, model.autocast
+    with torch.no_grad(): y = model(x=torch.randn(2, 4))["logits"]
+    assert y.dtype == torch.float32
+
+
+def _bf16_report(model: Regress, out_dir: str, data: list[dict]):
+    from accelerate import PartialState
+    rank, world = PartialState().process_index, PartialState().num_processes
+    trainer = Trainer(model, make_args(world, max_steps=12, learning_rate=0.3), train_dataset=data)  # plain: no fp16 / bf16
+    trainer.train()
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({
+        "precision": trainer.accelerator.mixed_precision, "autocast": sorted(map(list, _autocast_states(model))),
+        "losses": losses(trainer.state.log_history)}))
+    return losses(trainer.state.log_history)
+
+
+def test_bf16_through_launch_reaches_every_child(tmp_path):
+    model, data = make_model(), make_data()
+    start = full_loss(model, data)
+    ls = launch(_bf16_report, model, str(tmp_path), data, num_processes=2, mixed_precision="bf16")
+    for r in range(2):
+        rep = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert rep["precision"] == "bf16", (r, rep)
+        assert rep["autocast"] == [list(BF16)], (r, rep["autocast"])
+    assert learned(ls), ls
+    assert full_loss(model, data) < 0.5 * start, (start, full_loss(model, data))  # the weights that came back
+
+
+# ---------------------------------------------------------------------------------------------- 5. CUDA guard
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: launch refuses only when CUDA is initialised")
+def test_launch_refuses_after_cuda_was_initialised():
+    # in a fresh interpreter: initialising CUDA here would make every later fork in this test process unsafe
+    code = textwrap.dedent("""
+        import torch
+        from nbtrain import launch
+        torch.zeros(1, device="cuda")
+        try: launch(print, num_processes=1)
+        except RuntimeError as e: print("REFUSED:", e)
+        else: print("NOT REFUSED")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=ENV, cwd=ROOT)
+    assert "REFUSED: launch: CUDA is already initialised" in out.stdout, out.stdout + out.stderr
+    assert "inside the function you pass to launch" in out.stdout
+
+
+# ---------------------------------------------------------------------------------------------- 2. a real kernel
+NB_SETUP = f"""
+import json, os, sys, time
+import psutil, torch
+sys.path.insert(0, {str(TESTS)!r})
+from torch import nn
+from safetensors.torch import save_file, load_file
+from nbtrain import Trainer, TrainingArguments, launch
+torch.set_num_threads(1)
+import torch._dynamo  # the optimizer imports it lazily; imported here, the forked children need not (3 s each)
+
+class Net(nn.Module):  # defined in the notebook: fork, not pickling, carries it to the children
+    def __init__(self): super().__init__(); self.lin = nn.Linear(4, 1)
+    def forward(self, x, labels=None):
+        y = self.lin(x).squeeze(-1)
+        return {{"logits": y, **({{"loss": nn.functional.mse_loss(y, labels)}} if labels is not None else {{}})}}
+
+g = torch.Generator().manual_seed(0)
+data = [{{"x": x, "labels": float(x.sum())}} for x in torch.randn(64, 4, generator=g)]
+
+def train(model, steps=8):
+    from accelerate import PartialState
+    st = PartialState()
+    args = TrainingArguments(output_dir=None, max_steps=steps, per_device_train_batch_size=16 // st.num_processes,
+                             learning_rate=0.05, logging_steps=2, save_strategy="no", report_to="none", seed=0)
+    Trainer(model, args, train_dataset=data).train()
+    save_file({{k: v.contiguous() for k, v in model.state_dict().items()}}, f"rank{{st.process_index}}.safetensors")
+    return st.num_processes
+
+def broken(model):
+    if os.environ["RANK"] == "1": raise KeyError("rank 1 has no shard")
+    return train(model, steps=1000)  # rank 0 blocks in its first all-reduce until launch stops it
+
+def breaks_midway(model):  # rank 1 fails at step 3, after rank 0's dashboard is up; rank 0 then waits in its all-reduce
+    from nbtrain import TrainerCallback
+    class Break(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if os.environ["RANK"] == "1" and state.global_step == 3: time.sleep(0.5); raise RuntimeError("rank 1 broke at step 3")
+    from accelerate import PartialState
+    args = TrainingArguments(output_dir=None, max_steps=1000, per_device_train_batch_size=8, learning_rate=0.05,
+                             logging_steps=1, save_strategy="no", report_to="none", seed=0)
+    Trainer(model, args, train_dataset=data, callbacks=[Break()]).train()
+
+def children():
+    return sorted(p.pid for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE)
+
+torch.manual_seed(0); model = Net()
+before = {{k: v.clone() for k, v in model.state_dict().items()}}
+kids_before = children()
+"""
+NB_LAUNCH = "world = launch(train, model, num_processes=2)"
+NB_AFTER = """
+saved = load_file("rank0.safetensors")
+now = model.state_dict()
+print(json.dumps({"world": world,
+                  "changed": all(not torch.equal(now[k], before[k]) for k in now),
+                  "equals_rank0": now.keys() == saved.keys() and all(torch.equal(now[k], saved[k]) for k in now),
+                  "rank1_equal": all(torch.equal(v, load_file("rank1.safetensors")[k]) for k, v in saved.items()),
+                  "kids": children(), "kids_before": kids_before}))
+"""
+NB_BROKEN = "weights = {k: v.clone() for k, v in model.state_dict().items()}\nlaunch(broken, model, num_processes=2)"
+NB_AFTER_BROKEN = """
+print(json.dumps({"kids": children(), "kids_before": kids_before,
+                  "unchanged": all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())}))
+"""
+NB_MIDWAY = "launch(breaks_midway, model, num_processes=2)"
+NB_AFTER_MIDWAY = "print(json.dumps({'kids': children(), 'kids_before': kids_before}))"
+
+
+@pytest.fixture(scope="module")
+def notebook(tmp_path_factory):
+    "Run the notebook once in a real ipykernel; every iopub message of every cell is kept beside the saved outputs."
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipywidgets")
+    path = tmp_path_factory.mktemp("launch_nb")
+    cells = [NB_SETUP, NB_LAUNCH, NB_AFTER, NB_BROKEN, NB_AFTER_BROKEN, NB_MIDWAY, NB_AFTER_MIDWAY]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    nb.cells[3].metadata["tags"] = nb.cells[5].metadata["tags"] = ["raises-exception"]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    messages: dict[int, list[dict]] = {}
+
+    class Recording(nbclient.NotebookClient):
+        def process_message(self, msg, cell, cell_index):
+            messages.setdefault(cell_index, []).append(msg)
+            return super().process_message(msg, cell, cell_index)
+
+    client = Recording(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(path)}})
+    client.execute(env=ENV)
+    nbformat.write(nb, path / "launched.ipynb")
+    return nbformat.read(path / "launched.ipynb", as_version=4), messages
+
+
+def _stdout(cell) -> str:
+    return "".join(o.text for o in cell.outputs if o.output_type == "stream" and o.name == "stdout")
+
+
+def test_notebook_cell_shows_exactly_one_dashboard(notebook):
+    nb, messages = notebook
+    outputs = nb.cells[1].outputs
+    assert not [o for o in outputs if o.output_type == "error"], outputs
+    displays = [o for o in outputs if o.output_type == "display_data"]
+    assert len(displays) == 1, [sorted(o.data) for o in displays]
+    snap = displays[0].data
+    assert "application/vnd.jupyter.widget-view+json" not in snap, "the live widgets were not replaced by the snapshot"
+    assert "finished: 8 steps" in snap["text/html"], snap["text/plain"]  # the static snapshot (HTML, with its plot)
+    # on the wire: one display (the widgets, drawn by the parent), then updates of that same display only
+    msgs = messages[1]
+    shown = [m for m in msgs if m["msg_type"] == "display_data"]
+    assert len(shown) == 1, [m["content"]["data"].keys() for m in shown]
+    assert "application/vnd.jupyter.widget-view+json" in shown[0]["content"]["data"], "the dashboard was not live widgets"
+    display_id = shown[0]["content"]["transient"]["display_id"]
+    updates = [m for m in msgs if m["msg_type"] == "update_display_data"]
+    assert updates and {m["content"]["transient"]["display_id"] for m in updates} == {display_id}
+
+
+def test_next_cell_sees_the_trained_weights(notebook):
+    nb, _ = notebook
+    out = json.loads(_stdout(nb.cells[2]))
+    assert out["world"] == 2, out
+    assert out["changed"], "the model in the notebook was not trained"
+    assert out["equals_rank0"], "the notebook's model is not what rank 0 had at the end of fn"
+    assert out["rank1_equal"], "the ranks ended with different weights"
+    assert out["kids"] == out["kids_before"], out
+
+
+def test_notebook_cell_shows_the_child_error_and_leaves_no_process(notebook):
+    nb, _ = notebook
+    errors = [o for o in nb.cells[3].outputs if o.output_type == "error"]
+    assert len(errors) == 1, nb.cells[3].outputs
+    err = errors[0]
+    shown = err.ename + ": " + err.evalue + "\n" + "\n".join(err.traceback)
+    assert err.ename == "LaunchError", shown
+    assert "rank 1 of 2 failed: KeyError: 'rank 1 has no shard'" in err.evalue, shown
+    assert "Traceback (most recent call last)" in err.evalue and "in broken" in err.evalue, shown
+    out = json.loads(_stdout(nb.cells[4]))
+    assert out["kids"] == out["kids_before"], f"processes left behind in the kernel: {out}"
+    assert out["unchanged"], "the failed launch changed the notebook's model"
+
+
+def test_dashboard_of_a_run_whose_other_rank_failed_ends_as_a_snapshot(notebook):
+    """Rank 1 fails at step 3 while rank 0's dashboard is live in the cell: the cell shows the error, and the dashboard
+    ends as the static snapshot that says it failed (DESIGN: finished, interrupted or failed), not as live widgets."""
+    nb, messages = notebook
+    cell = nb.cells[5]
+    errors = [o for o in cell.outputs if o.output_type == "error"]
+    assert len(errors) == 1 and "rank 1 of 2 failed: RuntimeError: rank 1 broke at step 3" in errors[0].evalue, cell.outputs
+    displays = [o for o in cell.outputs if o.output_type == "display_data"]
+    assert len(displays) == 1, [sorted(o.data) for o in displays]
+    assert "application/vnd.jupyter.widget-view+json" not in displays[0].data, \
+        "the dashboard is left as live widgets (open comms; a saved notebook cannot show it)"
+    assert "failed" in displays[0].data["text/html"], displays[0].data["text/plain"]
+    out = json.loads(_stdout(nb.cells[6]))
+    assert out["kids"] == out["kids_before"], f"processes left behind in the kernel: {out}"
+
+
+# ---------------------------------------------------------------------------------------------- 6. the GPU check script
+GPU_CHECK = ROOT / "bench" / "gpu_check.py"
+
+
+def test_gpu_check_help():
+    out = subprocess.run([sys.executable, str(GPU_CHECK), "--help"], capture_output=True, text=True, timeout=60, env=ENV)
+    assert out.returncode == 0, out.stderr
+    assert "--cpu-smoke" in out.stdout and "--steps" in out.stdout
+
+
+def test_gpu_check_cpu_smoke():
+    "The script's logic on the CPU: fp32 and bf16, through Trainer and launch(num_processes=1), a table and exit 0."
+    out = subprocess.run([sys.executable, str(GPU_CHECK), "--cpu-smoke"], capture_output=True, text=True, timeout=180,
+                         env={**ENV, "CUDA_VISIBLE_DEVICES": ""}, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "tokens/s" not in line and "---" not in line]
+    assert {(r.split("|")[1].strip(), r.split("|")[2].strip()) for r in rows} == \
+        {("Trainer", "fp32"), ("Trainer", "bf16"), ("launch(1)", "fp32"), ("launch(1)", "bf16")}, out.stdout
+    assert all("| ok |" in r for r in rows), out.stdout
+
+
+def test_gpu_check_fails_loudly_on_cpu_without_smoke():
+    "Without a GPU (and without --cpu-smoke) the check must not pass by measuring the CPU."
+    out = subprocess.run([sys.executable, str(GPU_CHECK)], capture_output=True, text=True, timeout=60,
+                         env={**ENV, "CUDA_VISIBLE_DEVICES": ""}, cwd=ROOT)
+    assert out.returncode != 0 and "no CUDA GPU" in out.stdout + out.stderr, out.stdout + out.stderr
+
+
+def test_gpu_check_exits_non_zero_when_a_run_fails():
+    "A run whose check fails (here: a loss that would have to fall below zero) makes the script exit 1, with the reason."
+    out = subprocess.run([sys.executable, str(GPU_CHECK), "--cpu-smoke", "--paths", "trainer", "--precisions", "fp32",
+                          "--max-loss-ratio", "0"], capture_output=True, text=True, timeout=120,
+                         env={**ENV, "CUDA_VISIBLE_DEVICES": ""}, cwd=ROOT)
+    assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "| Trainer | fp32 |" in out.stdout and "FAIL: loss did not fall" in out.stdout, out.stdout
