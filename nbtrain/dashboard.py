@@ -178,13 +178,15 @@ def _thin(points: list, most: int = 300) -> list:
     for x, y in points: bins[min(most - 1, int((x - lo) / (hi - lo) * most))] = (x, y)
     return [bins[b] for b in sorted(bins)]
 
-def svg_panel(series: list[tuple], title: str, x0: float = 0, width: int = 300, height: int = 200, most: int = 300) -> str:
-    "One chart as SVG elements: `series` is [(label, color, [(x, y), ...], markers), ...]."
+def svg_panel(series: list[tuple], title: str, x0: float = 0, width: int = 300, height: int = 200, most: int = 300,
+              xrange: tuple | None = None) -> str:
+    "One chart as SVG elements: `series` is [(label, color, [(x, y), ...], markers), ...]; `xrange` shared by panels."
     pts = [p for _, _, ps, _ in series for p in ps]
     if not pts: return ""
     left, right, top, bottom = 46, 8, 18, 26
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-    xlo, xhi = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    xlo, xhi = xrange or (min(xs), max(xs))
+    if xhi <= xlo: xlo, xhi = xlo - 1, xlo + 1
     ylo, yhi = min(ys), max(ys)
     pad = (yhi - ylo) * 0.08 or abs(yhi) * 0.05 or 0.05
     ylo, yhi = ylo - pad, yhi + pad
@@ -211,10 +213,14 @@ def history_svg(log_history: list[dict], width: int = 300, height: int = 200, mo
     train = [(h["step"], h["loss"]) for h in log_history if isinstance(h.get("loss"), (int, float))]
     evals = [(h["step"], h["eval_loss"]) for h in log_history if isinstance(h.get("eval_loss"), (int, float))]
     if not train and not evals: return None
-    panels = [svg_panel([("train loss", "#1f77b4", train, False), ("eval loss", "#ff7f0e", evals, True)], "loss", 0, width, height, most)]
+    steps = [h["step"] for h in log_history if "step" in h]
+    xr = (min(steps), max(steps))  # every panel on the same steps
+    panels = [svg_panel([("train loss", "#1f77b4", train, False), ("eval loss", "#ff7f0e", evals, True)], "loss", 0, width, height,
+                        most, xr)]
     for i, name in enumerate(metric_names(log_history), 1):
         pts = [(h["step"], h[name]) for h in log_history if isinstance(h.get(name), (int, float))]
-        panels.append(svg_panel([(name.removeprefix("eval_"), "#2ca02c", pts, True)], name.removeprefix("eval_"), i * width, width, height, most))
+        panels.append(svg_panel([(name.removeprefix("eval_"), "#2ca02c", pts, True)], name.removeprefix("eval_"), i * width, width,
+                                height, most, xr))
     w = width * len(panels)
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{height}" viewBox="0 0 {w} {height}" '
             f'font-family="sans-serif">{"".join(panels)}</svg>')

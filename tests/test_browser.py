@@ -2,12 +2,16 @@
 
 While the watched cell is still executing, its ipywidgets progress bar must be rendered by the widget
 manager (no "Loading widget...", no "Error displaying widget", no text repr such as `IntProgress(...)`)
-and must advance; a screenshot is taken then, and another once every cell has run. Both are saved in
+and must advance; screenshots are taken then, and once every cell has run. They are saved in
 pytest's tmp dir and copied to tests/artifacts/ (ignored by git) for a person to look at.
 
 Needs Debian's `chromium` (/usr/bin/chromium), `jupyterlab` and `playwright` (whose wheel ships its
 driver; `playwright install` is never needed nor run: Chromium comes from apt). Without them the test
 is skipped, except in CI (env CI set), where it fails instead.
+
+Screenshots: browser_<notebook>_live_first.png (the bar has just moved), browser_<notebook>_live.png (the
+last one taken while the cell still ran, one every LIVE_SHOT_EVERY s), browser_<notebook>_final.png.
+NOTEBOOK below (or the env NBTRAIN_BROWSER_NOTEBOOK) says which notebook: the probe, or the quick start.
 """
 import json
 import os
@@ -36,8 +40,8 @@ POLL = 0.5             # seconds between two looks at the page (textContent only
 LIVE_SHOT_EVERY = 10.0  # seconds between live screenshots (the last one taken while the cell runs is kept)
 SENTINEL = "NBTRAIN-BROWSER-TEST-ALL-CELLS-RAN"
 BAD_TEXT = ("Loading widget", "Error displaying widget", "Error creating widget", "Could not create")
-# what JupyterLab shows instead of a widget when the widget manager is missing: the model's text repr
 PROGRESS = ".widget-hprogress, .widget-vprogress"  # an ipywidgets 8 IntProgress/FloatProgress view
+# what JupyterLab shows instead of a widget when the widget manager is missing: the model's text repr
 TEXT_REPR = re.compile(r"\b(?:Int|Float)Progress\(|\b[HV]Box\(children=")
 
 # A probe that trains nothing: one IntProgress updated for ~15 s, then a line of text.
@@ -67,7 +71,7 @@ CASES = {
                        final_absent=[PROGRESS], final_text="eval_accuracy", timeout=1200.0),
 }
 # The one switch: which notebook the browser runs. NBTRAIN_BROWSER_NOTEBOOK overrides it for a run.
-NOTEBOOK = os.environ.get("NBTRAIN_BROWSER_NOTEBOOK", "probe")
+NOTEBOOK = os.environ.get("NBTRAIN_BROWSER_NOTEBOOK", "quickstart")
 
 
 def _missing() -> list[str]:
@@ -88,8 +92,8 @@ def _write_notebook(case: Case, dest: Path) -> tuple[int, int]:
     """Write the notebook to run at `dest`: outputs and saved widget state stripped, nbdev `#| eval: false` cells
     dropped (as nbdev_test does), a last cell printing SENTINEL added. Gives the watched cell's index and the cell count."""
     if case.source is None:
-        nb = {"cells": [{"cell_type": "code", "source": s, "metadata": {}, "outputs": [], "execution_count": None}
-                        for s in PROBE_CELLS],
+        nb = {"cells": [{"id": f"probe-{i}", "cell_type": "code", "source": s, "metadata": {}, "outputs": [],
+                         "execution_count": None} for i, s in enumerate(PROBE_CELLS)],
               "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
               "nbformat": 4, "nbformat_minor": 5}
     else:
@@ -99,8 +103,8 @@ def _write_notebook(case: Case, dest: Path) -> tuple[int, int]:
     for c in nb["cells"]:
         if c["cell_type"] == "code":
             c["outputs"], c["execution_count"] = [], None
-    nb["cells"].append({"cell_type": "code", "source": f"print({SENTINEL!r})", "metadata": {}, "outputs": [],
-                        "execution_count": None})
+    nb["cells"].append({"id": "browser-test-sentinel", "cell_type": "code", "source": f"print({SENTINEL!r})",
+                        "metadata": {}, "outputs": [], "execution_count": None})
     dest.write_text(json.dumps(nb, indent=1))
     live_i = next(i for i, c in enumerate(nb["cells"]) if case.live_cell in "".join(c["source"]))
     return live_i, len(nb["cells"])
@@ -174,7 +178,9 @@ class Lab:
         deadline = time.monotonic() + 90
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"jupyter lab exited with {self.proc.returncode}:\n{self.tail()}")
+                log = self.tail()
+                self.stop()
+                raise RuntimeError(f"jupyter lab exited with {self.proc.returncode}:\n{log}")
             try:
                 with urllib.request.urlopen(f"{self.base}/api/status?token={self.token}", timeout=5) as r:
                     if r.status == 200:
@@ -182,12 +188,14 @@ class Lab:
             except OSError:
                 pass
             if time.monotonic() > deadline:
+                log = self.tail()
                 self.stop()
-                raise RuntimeError(f"jupyter lab did not answer on {self.base} in 90 s:\n{self.tail()}")
+                raise RuntimeError(f"jupyter lab did not answer on {self.base} in 90 s:\n{log}")
             time.sleep(0.5)
 
     def tail(self, n: int = 4000) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return self.log_path.read_text(errors="replace")[-n:]
 
     def url(self, name: str) -> str:
