@@ -73,9 +73,9 @@ def _timed(owner, name, label):
         finally: e = _T[label]; e[0] += 1; e[1] += time.perf_counter() - t
     setattr(owner, name, w)
 for _n in ("on_train_begin", "on_step_end", "on_log", "on_evaluate", "on_prediction_step", "on_train_end",
-           "_refresh", "_add_rows", "_plot", "_html_bundle"):
+           "_refresh", "_widgets", "_html_bundle"):
     _timed(_D.NotebookDashboard, _n, "NotebookDashboard." + _n)
-_timed(_D, "figure_png", "figure_png (plot_history + savefig)")
+_timed(_D, "history_svg", "history_svg (the figure as SVG)")
 _timed(_D, "close_tree", "close_tree")
 _timed(_Comm, "publish_msg", "widget comm messages (ipykernel publish_msg)")
 for _r in range({rounds}):

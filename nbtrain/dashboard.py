@@ -284,35 +284,41 @@ class NotebookDashboard(TrainerCallback):
     def _widgets(self, state):
         import ipywidgets as W
         bar = lambda cls, label, **kw: cls(description=label, style={"description_width": "3.5em"}, **kw)
-        self.w_status = W.HTML(f"<b><code>{self.progress.status}</code></b>")
         self.w_epoch = bar(W.FloatProgress, "epoch", value=state.epoch, max=total_epochs(state) or 1)
         self.w_step = bar(W.IntProgress, "step", value=state.global_step, max=max(state.max_steps, 1))
         self.w_note = W.HTML(self._note(state))
-        self.w_eval, self.w_eval_note = bar(W.IntProgress, "eval", value=0, max=1), W.HTML()
+        self.w_eval = None  # made on the first evaluation that lasts longer than an update interval
+        self.w_results = W.HTML()  # the table's last rows and the figure: both change on log and eval events only
+        # few widgets: each is several comm messages to open and to close, which a short run notices
+        return W.VBox([self.w_epoch, self.w_step, self.w_note, self.w_results])
+
+    def _eval_bar(self):
+        import ipywidgets as W
+        self.w_eval = W.IntProgress(description="eval", style={"description_width": "3.5em"}, value=0, max=1)
+        self.w_eval_note = W.HTML()
         self.w_eval_row = W.HBox([self.w_eval, self.w_eval_note])
-        self.w_eval_row.layout.display = "none"
-        self.w_table, self.w_plot = W.HTML(), W.HTML()
-        return W.VBox([self.w_status, W.HBox([self.w_epoch, self.w_step]), self.w_note, self.w_eval_row, self.w_table, self.w_plot])
+        self.box.children = self.box.children[:2] + (self.w_eval_row,) + self.box.children[2:]
 
     def _note(self, state) -> str:
-        return f"<code>epoch {state.epoch:.2f}/{total_epochs(state):.4g} · step {html.escape(self.progress.note(state))}</code>"
+        return (f"<code><b>{self.progress.status}</b> · epoch {state.epoch:.2f}/{total_epochs(state):.4g} · "
+                f"step {html.escape(self.progress.note(state))}</code>")
 
     def _html_bundle(self, state) -> dict:
         text = f"{self.progress.status}: step {self.progress.note(state)}"
         return {"text/html": self.progress.html(state, state.log_history), "text/plain": text}
 
     # ---- updating -----------------------------------------------------------------------------
-    def _refresh(self, state, force: bool = False):
+    def _refresh(self, state):
         now = time.perf_counter()
-        if not force and now - self.last_update < self.interval: return
+        if now - self.last_update < self.interval: return
         self.last_update = now
         if self.mode == "widgets":
             self.w_step.value, self.w_epoch.value, self.w_note.value = state.global_step, state.epoch, self._note(state)
-            rows = table_rows(state.log_history)
-            if len(rows) != self.rows_shown:  # the last rows only: each update's size stays the same as the run grows
-                self.w_table.value, self.rows_shown = table_html(rows, last=self.live_rows), len(rows)
             if self.dirty and now - self.last_plot > self.plot_every:
-                self.w_plot.value = history_svg(state.log_history, most=self.live_points) or ""
+                # the table's last rows only, the figure with a bounded number of points: the size of an update
+                # stays the same as the run grows
+                table = table_html(table_rows(state.log_history), last=self.live_rows)
+                self.w_results.value = table + (history_svg(state.log_history, most=self.live_points) or "")
                 self.last_plot, self.dirty = now, False
         else:
             self.handle.update(self._html_bundle(state), raw=True)
@@ -328,11 +334,10 @@ class NotebookDashboard(TrainerCallback):
 
     def on_evaluate(self, args, state, control, **kwargs):
         if not self.live: return
-        self.progress.status, self.eval_start = "training", None
-        if self.mode == "widgets":
-            self.w_status.value = "<b><code>training</code></b>"
+        self.dirty, self.eval_start = True, None
+        if self.progress.status == "evaluating":
+            self.progress.status = "training"
             self.w_eval_row.layout.display = "none"
-        self._refresh(state, force=True)
 
     def on_prediction_step(self, args, state, control, **kwargs):
         "The evaluation bar, shown only for evaluations that last longer than an update interval."
@@ -347,7 +352,8 @@ class NotebookDashboard(TrainerCallback):
         self.last_update = now
         if p.status != "evaluating":
             p.status = "evaluating"
-            self.w_status.value = "<b><code>evaluating</code></b>"
+            self.w_note.value = self._note(state)
+            if self.w_eval is None: self._eval_bar()
             self.w_eval.max, self.w_eval_row.layout.display = max(p.eval_total, 1), None
         self.w_eval.value = p.eval_done
         self.w_eval_note.value = f"<code>{p.eval_done}/{p.eval_total}</code>"
