@@ -32,6 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ROOT / "tests"
+sys.path.insert(0, str(TESTS))
+from kernels import error, execute, running_kernel, stdout  # noqa: E402  (the tests' kernel helpers)
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
        "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg", "CUDA_VISIBLE_DEVICES": ""}
 SETUP = f"""
@@ -91,15 +93,10 @@ VARIANTS = {"dashboard": "False", "no display": "True"}
 
 def run_cell(kc, code: str, timeout: float = 600) -> str:
     "Execute `code` in the kernel, draining iopub as a front end would; returns stdout, raises on an error."
-    msg_id = kc.execute(code)
-    out, deadline = [], time.monotonic() + timeout
-    while True:
-        msg = kc.get_iopub_msg(timeout=max(1, deadline - time.monotonic()))
-        if msg["parent_header"].get("msg_id") != msg_id: continue
-        t, c = msg["msg_type"], msg["content"]
-        if t == "stream": out.append(c["text"])
-        elif t == "error": raise RuntimeError(f"{c['ename']}: {c['evalue']}\n" + "\n".join(c["traceback"])[-3000:])
-        elif t == "status" and c["execution_state"] == "idle": return "".join(out)
+    msgs = execute(kc, code, timeout)
+    err = error(msgs)
+    if err: raise RuntimeError(f"{err['ename']}: {err['evalue']}\n" + "\n".join(err["traceback"])[-3000:])
+    return stdout(msgs)
 
 
 def timed(kc, variant: str, steps: int, model: str) -> dict:
@@ -121,13 +118,7 @@ def main():
                    help="also time the dashboard's methods, the figure and the widget messages (3 runs, timing wrappers)")
     a = p.parse_args()
 
-    import jupyter_client
-    km = jupyter_client.KernelManager(kernel_name="python3")
-    km.start_kernel(cwd=str(ROOT), env=ENV)
-    kc = km.client()
-    kc.start_channels()
-    try:
-        kc.wait_for_ready(timeout=90)
+    with running_kernel(ROOT, ENV) as (km, kc):
         run_cell(kc, SETUP)
         mode = run_cell(kc, "print(display_mode(), nbtrain.__version__, torch.__version__)").split()
         if mode[0] != "widgets": raise RuntimeError(f"the kernel's display mode is {mode[0]!r}, not 'widgets'")
@@ -167,9 +158,6 @@ def main():
         if a.profile:
             print("\n# cProfile of one dashboard run inside the kernel (cumulative time, filtered)\n")
             print(run_cell(kc, PROFILE.format(steps=a.steps, model=a.model)))
-    finally:
-        kc.stop_channels()
-        km.shutdown_kernel(now=True)
 
 
 if __name__ == "__main__":

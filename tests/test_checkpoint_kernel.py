@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-jupyter_client = pytest.importorskip("jupyter_client")
+pytest.importorskip("jupyter_client")
+from kernels import error, execute, running_kernel  # noqa: E402
 
 TESTS = Path(__file__).parent
 MAX_STEPS = 30
@@ -47,18 +48,11 @@ def fingerprint(trainer):
 
 def run_cell(kc, code: str, timeout: float = 120, on_text=None):
     "Execute `code`; returns (stdout text, (ename, evalue) or None). `on_text(text_so_far)` sees the output as it comes."
-    msg_id = kc.execute(code)
-    text, error, deadline = [], None, time.monotonic() + timeout
-    while True:
-        msg = kc.get_iopub_msg(timeout=max(1, deadline - time.monotonic()))
-        if msg["parent_header"].get("msg_id") != msg_id: continue
-        kind, content = msg["msg_type"], msg["content"]
-        if kind == "stream":
-            text.append(content["text"])
-            if on_text: on_text("".join(text))
-        elif kind == "error": error = (content["ename"], content["evalue"])
-        elif kind == "status" and content["execution_state"] == "idle": break
-    return "".join(text), error
+    text = []
+    def seen(msg):
+        if msg["msg_type"] == "stream": text.append(msg["content"]["text"]); on_text and on_text("".join(text))
+    err = error(execute(kc, code, timeout, seen))
+    return "".join(text), err and (err["ename"], err["evalue"])
 
 
 def fingerprint_of(text: str) -> tuple[int, str]:
@@ -69,18 +63,7 @@ def fingerprint_of(text: str) -> tuple[int, str]:
 
 @pytest.fixture
 def kernel(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
-    km = jupyter_client.KernelManager(kernel_name="python3")
-    km.start_kernel(cwd=str(tmp_path), env=env)
-    kc = km.client()
-    kc.start_channels()
-    try:
-        kc.wait_for_ready(timeout=60)
-        yield km, kc
-    finally:
-        kc.stop_channels()
-        km.shutdown_kernel(now=True)
+    with running_kernel(tmp_path, {"OMP_NUM_THREADS": "1"}) as (km, kc): yield km, kc
 
 
 def test_interrupt_then_next_cell_continues_exactly(kernel, tmp_path):

@@ -29,6 +29,8 @@ from jupyter_client.session import json_packer
 
 from nbtrain.dashboard import format_value
 
+from kernels import execute, running_kernel
+
 TESTS = Path(__file__).resolve().parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
        "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg", "PYTHONPATH": os.pathsep.join(
@@ -45,15 +47,7 @@ def msg_bytes(msg: dict) -> int:
 
 
 def run_cell(kc, code: str, timeout: float = 120, on_msg=None) -> list[dict]:
-    "Execute `code`; every iopub message of that execution, until the kernel is idle again. `on_msg(msg)` sees each as it comes."
-    msg_id = kc.execute(code)
-    msgs, deadline = [], time.monotonic() + timeout
-    while True:
-        msg = kc.get_iopub_msg(timeout=max(1, deadline - time.monotonic()))
-        if msg["parent_header"].get("msg_id") != msg_id: continue
-        msgs.append(msg)
-        if on_msg: on_msg(msg)
-        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle": return msgs
+    return execute(kc, code, timeout, on_msg)
 
 
 def stdout_of(msgs) -> str:
@@ -98,17 +92,9 @@ def expected_rows(log_history: list[dict]) -> list[dict]:
 def kernel(tmp_path_factory):
     "One python3 kernel (ipykernel, ipywidgets available) shared by the tests that drive it with jupyter_client."
     cwd = tmp_path_factory.mktemp("kernel")
-    km = jupyter_client.KernelManager(kernel_name="python3")
-    km.start_kernel(cwd=str(cwd), env=ENV)
-    kc = km.client()
-    kc.start_channels()
-    try:
-        kc.wait_for_ready(timeout=90)
+    with running_kernel(cwd, ENV) as (km, kc):
         ok(run_cell(kc, SETUP))
         yield km, kc, cwd
-    finally:
-        kc.stop_channels()
-        km.shutdown_kernel(now=True)
 
 
 # ---------------------------------------------------------------------------------------------- a. saved notebook
