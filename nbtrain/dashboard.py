@@ -35,30 +35,41 @@ _TIMINGS = ("_runtime", "_per_second")
 
 # %% ../nbs/05_dashboard.ipynb #843e6173
 class ConsoleProgress(TrainerCallback):
-    "One line per log event and a final summary, for terminals, scripts and logs."
-    def __init__(self, file=None): self.file = file
+    "One line per logged step (training and evaluation values together) and a final summary, for terminals and logs."
+    def __init__(self, file=None): self.file, self.pending, self.training = file, None, False
 
     def _print(self, *a):
         print(*a, file=self.file or sys.stdout, flush=True)
 
+    def _flush(self):
+        if self.pending: self._print(self.pending[1] + self.pending[2])
+        self.pending = None
+
     def on_train_begin(self, args, state, control, **kwargs):
-        self.start, self.start_step = time.perf_counter(), state.global_step
+        self.start, self.start_step, self.training, self.pending = time.perf_counter(), state.global_step, True, None
         if state.is_world_process_zero:
             resumed = f", continuing from step {state.global_step}" if state.global_step else ""
             self._print(f"training: {state.max_steps} steps, {state.num_train_epochs} epoch(s), "
                         f"{state.train_batch_size} examples per step{resumed}")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs: return
+        if not state.is_world_process_zero or not logs or "train_runtime" in logs: return
+        vals = " ".join(f"{k}={format_value(v)}" for k, v in logs.items() if k not in _SKIP and not k.endswith(_TIMINGS))
+        if self.pending and self.pending[0] == state.global_step:  # an evaluation at a logged step: the same line
+            self.pending = (state.global_step, f"{self.pending[1]} {vals}", self.pending[2]); return
+        self._flush()
         elapsed = time.perf_counter() - self.start
-        if "train_runtime" in logs: return
         rate = (state.global_step - self.start_step) / elapsed if elapsed > 0 else float("nan")
         eta = (state.max_steps - state.global_step) / rate if rate > 0 else float("nan")
-        vals = " ".join(f"{k}={format_value(v)}" for k, v in logs.items() if k not in _SKIP and not k.endswith(_TIMINGS))
-        self._print(f"step {state.global_step}/{state.max_steps} epoch {state.epoch:.2f} | {vals} | "
-                    f"{format_duration(elapsed)} elapsed, {format_duration(eta)} left, {rate:.1f} it/s")
+        self.pending = (state.global_step, f"step {state.global_step}/{state.max_steps} epoch {state.epoch:.2f} | {vals}",
+                        f" | {format_duration(elapsed)} elapsed, {format_duration(eta)} left, {rate:.1f} it/s")
+        if not self.training: self._flush()  # evaluate() after training: nothing else is coming for this step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.pending and state.global_step > self.pending[0]: self._flush()
 
     def on_train_end(self, args, state, control, outcome="finished", **kwargs):
+        self._flush(); self.training = False
         if not state.is_world_process_zero: return
         if outcome != "finished":
             self._print(f"{outcome} at step {state.global_step} of {state.max_steps} "
