@@ -77,10 +77,11 @@ def _load_tensors(path: Path) -> dict:
     "`safetensors.torch.load_file`, with an error that names the file when it is damaged, cut short or not safetensors."
     if not path.is_file(): raise CheckpointError(f"{path} is missing: the checkpoint is incomplete or was edited. Use another checkpoint.")
     try: return load_file(path)
-    except Exception as e:
-        raise CheckpointError(f"{path} cannot be read as safetensors ({path.stat().st_size} bytes; {type(e).__name__}: {e}). The file is "
-                              "truncated, damaged or not a safetensors file (a pickle is never loaded). Use another "
-                              "checkpoint.") from e
+    except Exception as e: raise _unreadable(path, e) from e
+
+def _unreadable(path: Path, e: Exception) -> CheckpointError:
+    return CheckpointError(f"{path} cannot be read as safetensors ({path.stat().st_size} bytes; {type(e).__name__}: {e}). The file is "
+                           "truncated, damaged or not a safetensors file (a pickle is never loaded). Use another checkpoint.")
 
 # %% ../nbs/04_checkpoint.ipynb #f865b07c
 def optimizer_to_files(optimizer, folder: Path):
@@ -169,10 +170,7 @@ def check_weight_files(folder: str | Path) -> list[Path]:
     for f in files:
         try:
             with safe_open(f, framework="pt") as g: g.keys()
-        except Exception as e:
-            raise CheckpointError(f"{f} cannot be read as safetensors ({f.stat().st_size} bytes; {type(e).__name__}: {e}). "
-                                  "The file is truncated, damaged or not a safetensors file (a pickle is never loaded). "
-                                  "Use another checkpoint.") from e
+        except Exception as e: raise _unreadable(f, e) from e
     return files
 
 def _listed(keys: list, n: int = 10) -> str:

@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader, Sampler
 
 # %% auto #0
 __all__ = ['LABEL_ALIASES', 'DataError', 'forward_arguments', 'default_label_names', 'column_names', 'ColumnPlan',
-           'collate_tensors', 'Collator', 'default_collator', 'preflight_batch', 'EpochSampler', 'example_lengths',
-           'make_dataloader']
+           'collate_tensors', 'Collator', 'default_collator', 'require_examples', 'preflight_batch', 'EpochSampler',
+           'example_lengths', 'make_dataloader']
 
 # %% ../nbs/01_data.ipynb #53c8b21f
 class DataError(ValueError):
@@ -111,14 +111,18 @@ def _lengths(examples: list[dict], col: str) -> set[int]:
     "Lengths of a column's values; scalars (0-d tensors included) have none."
     return {len(v) for e in examples if hasattr(v := e[col], "__len__") and not isinstance(v, str) and getattr(v, "ndim", 1) > 0}
 
-def preflight_batch(dataset, collator: Collator, batch_size: int, name: str = "train_dataset",
-                    has_tokenizer: bool = False) -> dict:
-    "Collate the first batch of `dataset`, turning every problem into a `DataError` that names the column."
+def require_examples(dataset, name: str = "train_dataset"):
+    "A `DataError` unless `dataset` is an indexable, non-empty collection of examples."
     if dataset is None: raise DataError(f"{name} is None; pass a dataset to Trainer({name}=...).")
     if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
         raise DataError(f"{name} is a {type(dataset).__name__}, which has no length or indexing; pass a datasets.Dataset, "
                         "a torch Dataset or a list of dicts.")
     if len(dataset) == 0: raise DataError(f"{name} is empty (0 examples); check the filtering or splitting that built it.")
+
+def preflight_batch(dataset, collator: Collator, batch_size: int, name: str = "train_dataset",
+                    has_tokenizer: bool = False) -> dict:
+    "Collate the first batch of `dataset`, turning every problem into a `DataError` that names the column."
+    require_examples(dataset, name)
     examples = [collator.plan(dataset[i]) for i in range(min(batch_size, len(dataset)))]
     if not examples[0]:
         raise DataError(f"{name}: no column is an argument of {collator.plan.model_name}.forward "

@@ -19,7 +19,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import send_to_device, set_seed
 from torch import nn
 
 from .args import TrainingArguments
@@ -27,7 +27,7 @@ from .checkpoint import (CheckpointCallback, load_weights, read_loop_state, reso
                                 save_weights)
 from .dashboard import default_progress, plot_history
 from .data import (Collator, ColumnPlan, DataError, EpochSampler, column_names, default_collator, make_dataloader,
-                          preflight_batch)
+                          preflight_batch, require_examples)
 from .events import CallbackHandler, FlowCallback, TrainerControl, TrainerState
 from .metrics import Accumulator, EvalPrediction, StreamingMetrics, _scalars
 
@@ -231,9 +231,7 @@ class Trainer:
         return Collator(plan, inner)
 
     def _check_dataset(self, dataset, name: str, batch_size: int) -> tuple[Collator, dict]:
-        if dataset is None: raise DataError(f"{name} is None; pass Trainer({name}=...).")
-        if hasattr(dataset, "__len__") and len(dataset) == 0:
-            raise DataError(f"{name} is empty (0 examples); check the filtering or splitting that built it.")
+        require_examples(dataset, name)  # before the column plan reads dataset[0]
         collator = self._collator(dataset, name)
         batch = preflight_batch(dataset, collator, batch_size, name,
                                 has_tokenizer=self.processing_class is not None or self.data_collator is not None)
@@ -299,19 +297,23 @@ class Trainer:
 
     def _eval_once(self, model, eval_dl) -> dict:
         "Metric names from one evaluation batch (streaming metrics and `compute_metrics`)."
-        batch = next(iter(eval_dl))
-        batch = {k: v.to(self.accelerator.device) if hasattr(v, "to") else v for k, v in batch.items()}
-        with self.accelerator.autocast(): loss, logits = split_outputs(model(**batch))
-        labels = self._labels(batch)
+        _, logits, labels = self._prediction_step(model, send_to_device(next(iter(eval_dl)), self.accelerator.device))
         names = dict.fromkeys(self.streaming.metrics)
         if self.compute_metrics is not None:
-            if self.preprocess_logits_for_metrics is not None: logits = self.preprocess_logits_for_metrics(logits, labels)
             acc = Accumulator(); acc.add(logits, labels)
             out = self.compute_metrics(EvalPrediction(*acc.result()))
             if not isinstance(out, dict):
                 raise TypeError(f"compute_metrics must return a dict of name -> value, got {type(out).__name__}.")
             names.update(dict.fromkeys(out))
         return names
+
+    def _prediction_step(self, model, batch: dict):
+        "`(loss, logits, labels)` of one evaluation batch, logits passed through `preprocess_logits_for_metrics`."
+        with self.accelerator.autocast(): loss, logits = split_outputs(model(**batch))
+        labels = self._labels(batch)
+        if self.preprocess_logits_for_metrics is not None and logits is not None:
+            logits = self.preprocess_logits_for_metrics(logits, labels)
+        return loss, logits, labels
 
     def _labels(self, batch: dict):
         names = self.label_names or ["labels"]
@@ -365,7 +367,7 @@ class Trainer:
         train_dl = self.get_train_dataloader()
         eval_dl = self.get_eval_dataloader() if a.eval_strategy != "no" else None
         self.model = self.model.to(acc.device)
-        self._preflight(self.model, {k: v.to(acc.device) if hasattr(v, "to") else v for k, v in self._first_batch.items()}, eval_dl)
+        self._preflight(self.model, send_to_device(self._first_batch, acc.device), eval_dl)
         if acc.is_main_process and not a.disable_tqdm: print(self._train_summary)
 
         train_dl = acc.prepare_data_loader(train_dl)  # under launch: this process's shard of every global batch
@@ -533,15 +535,11 @@ class Trainer:
         start = time.perf_counter()
         try:
             with torch.no_grad():
-                for batch in dataloader:
-                    batch = {k: v.to(acc.device) if hasattr(v, "to") else v for k, v in batch.items()}
-                    with acc.autocast(): loss, logits = split_outputs(model(**batch))
-                    labels = self._labels(batch)
+                for batch in dataloader:  # prepared by Accelerate: already on the device
+                    loss, logits, labels = self._prediction_step(model, batch)
                     bs = len(next(iter(batch.values())))
                     if loss is not None: loss_sum += loss.detach().float() * bs; n_loss += bs
                     n_seen += bs
-                    if self.preprocess_logits_for_metrics is not None and logits is not None:
-                        logits = self.preprocess_logits_for_metrics(logits, labels)
                     if self.streaming.metrics and logits is not None and labels is not None:
                         self.streaming.update(logits, labels, gather=acc.gather_for_metrics if acc.num_processes > 1 else None)
                     if kept is not None and logits is not None:
