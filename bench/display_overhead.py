@@ -74,7 +74,7 @@ def _timed(owner, name, label):
         try: return f(*a, **k)
         finally: e = _T[label]; e[0] += 1; e[1] += time.perf_counter() - t
     setattr(owner, name, w)
-for _n in ("on_train_begin", "on_step_end", "on_log", "on_evaluate", "on_prediction_step", "on_train_end",
+for _n in ("on_train_begin", "_tick", "on_log", "on_evaluate", "on_prediction_step", "on_train_end",
            "_refresh", "_widgets", "_html_bundle"):
     _timed(_D.NotebookDashboard, _n, "NotebookDashboard." + _n)
 _timed(_D, "history_svg", "history_svg (the figure as SVG)")

@@ -5,10 +5,12 @@
 # %% ../nbs/05_dashboard.ipynb #49ee5afb
 from __future__ import annotations
 
+import contextvars
 import html
 import io
 import math
 import sys
+import threading
 import time
 
 from .events import TrainerCallback
@@ -276,7 +278,7 @@ class NotebookDashboard(TrainerCallback):
                  live_points: int = 50):
         self.mode, self.interval, self.plot_every, self.live_rows = mode or display_mode(), interval, plot_every, table_rows
         self.live_points = live_points
-        self.live = False
+        self.live, self.ticker = False, None
 
     # ---- building -----------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
@@ -284,29 +286,40 @@ class NotebookDashboard(TrainerCallback):
         from IPython.display import display
         self.progress, self.live, self.dirty = Progress(state), True, False
         self.last_update = self.last_plot = 0.0
-        self.rows_shown, self.eval_start = 0, None
+        self.eval_start = None
         if state.global_step: self.progress.status = f"training, continuing from step {state.global_step}"
         if self.mode == "widgets":
             self.box = self._widgets(state)
             self.handle = display(self.box, display_id=True)
         else:
             self.handle = display(self._html_bundle(state), raw=True, display_id=True)
+        # The bars move on a clock, not on steps: a thread wakes every `interval` seconds and draws, so a training
+        # step pays nothing for the display. It runs in the cell's context, so its messages belong to the cell.
+        self.lock, self.stop = threading.Lock(), threading.Event()
+        self.ticker = threading.Thread(target=contextvars.copy_context().run, args=(self._tick, state),
+                                       name="nbtrain-dashboard", daemon=True)
+        self.ticker.start()
 
     def _widgets(self, state):
         import ipywidgets as W
-        bar = lambda cls, label, **kw: cls(description=label, style={"description_width": "3.5em"}, **kw)
-        self.w_epoch = bar(W.FloatProgress, "epoch", value=state.epoch, max=total_epochs(state) or 1)
-        self.w_step = bar(W.IntProgress, "step", value=state.global_step, max=max(state.max_steps, 1))
-        self.w_note = W.HTML(self._note(state))
+        from ipywidgets.widgets.widget_int import ProgressStyle
+        from ipywidgets.widgets.widget_string import HTMLStyle
+        # every widget model costs comm messages to open and to close, so the bars share one layout and one style
+        # and the HTML parts one layout and one style
+        layout, style = W.Layout(), ProgressStyle(description_width="3.5em")
+        self.w_epoch = W.FloatProgress(description="epoch", value=state.epoch, max=total_epochs(state) or 1, layout=layout, style=style)
+        self.w_step = W.IntProgress(description="step", value=state.global_step, max=max(state.max_steps, 1), layout=layout, style=style)
+        html_layout, html_style = W.Layout(), HTMLStyle()
+        self.w_note = W.HTML(self._note(state), layout=html_layout, style=html_style)
         self.w_eval = None  # made on the first evaluation that lasts longer than an update interval
-        self.w_results = W.HTML()  # the table's last rows and the figure: both change on log and eval events only
-        # few widgets: each is several comm messages to open and to close, which a short run notices
+        # the table's last rows and the figure: both change on log and eval events only
+        self.w_results = W.HTML(layout=html_layout, style=html_style)
         return W.VBox([self.w_epoch, self.w_step, self.w_note, self.w_results])
 
     def _eval_bar(self):
         import ipywidgets as W
-        self.w_eval = W.IntProgress(description="eval", style={"description_width": "3.5em"}, value=0, max=1)
-        self.w_eval_note = W.HTML()
+        self.w_eval = W.IntProgress(description="eval", value=0, max=1, layout=self.w_step.layout, style=self.w_step.style)
+        self.w_eval_note = W.HTML(layout=self.w_note.layout, style=self.w_note.style)
         self.w_eval_row = W.HBox([self.w_eval, self.w_eval_note])
         self.box.children = self.box.children[:2] + (self.w_eval_row,) + self.box.children[2:]
 
@@ -319,9 +332,13 @@ class NotebookDashboard(TrainerCallback):
         return {"text/html": self.progress.html(state, state.log_history), "text/plain": text}
 
     # ---- updating -----------------------------------------------------------------------------
+    def _tick(self, state):
+        while not self.stop.wait(self.interval):
+            with self.lock:
+                if self.live and self.progress.status != "evaluating": self._refresh(state)
+
     def _refresh(self, state):
         now = time.perf_counter()
-        if now - self.last_update < self.interval: return
         self.last_update = now
         if self.mode == "widgets":
             self.w_step.value, self.w_epoch.value, self.w_note.value = state.global_step, state.epoch, self._note(state)
@@ -334,9 +351,6 @@ class NotebookDashboard(TrainerCallback):
         else:
             self.handle.update(self._html_bundle(state), raw=True)
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.live: self._refresh(state)
-
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self.live or not logs: return
         if "loss" in logs: self.progress.loss = logs["loss"]
@@ -345,10 +359,11 @@ class NotebookDashboard(TrainerCallback):
 
     def on_evaluate(self, args, state, control, **kwargs):
         if not self.live: return
-        self.dirty, self.eval_start = True, None
-        if self.progress.status == "evaluating":
-            self.progress.status = "training"
-            self.w_eval_row.layout.display = "none"
+        with self.lock:
+            self.dirty, self.eval_start = True, None
+            if self.progress.status == "evaluating":
+                self.progress.status = "training"
+                self.w_eval_row.layout.display = "none"
 
     def on_prediction_step(self, args, state, control, **kwargs):
         "The evaluation bar, shown only for evaluations that last longer than an update interval."
@@ -360,18 +375,20 @@ class NotebookDashboard(TrainerCallback):
             p.eval_total = len(dl) if dl is not None and hasattr(dl, "__len__") else 0
         p.eval_done += 1
         if now - self.eval_start < self.interval or now - self.last_update < self.interval: return
-        self.last_update = now
-        if p.status != "evaluating":
-            p.status = "evaluating"
-            self.w_note.value = self._note(state)
-            if self.w_eval is None: self._eval_bar()
-            self.w_eval.max, self.w_eval_row.layout.display = max(p.eval_total, 1), None
-        self.w_eval.value = p.eval_done
-        self.w_eval_note.value = f"<code>{p.eval_done}/{p.eval_total}</code>"
+        with self.lock:
+            self.last_update = now
+            if p.status != "evaluating":
+                p.status = "evaluating"
+                self.w_note.value = self._note(state)
+                if self.w_eval is None: self._eval_bar()
+                self.w_eval.max, self.w_eval_row.layout.display = max(p.eval_total, 1), None
+            self.w_eval.value = p.eval_done
+            self.w_eval_note.value = f"<code>{p.eval_done}/{p.eval_total}</code>"
 
     # ---- the snapshot -------------------------------------------------------------------------
     def on_train_end(self, args, state, control, outcome: str = "finished", **kwargs):
         if not self.live: return
+        self.stop.set(); self.ticker.join()
         self.live = False
         p = self.progress
         p.status = {"finished": f"finished: {state.global_step} steps in {format_duration(time.perf_counter() - p.start)}",

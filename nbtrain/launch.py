@@ -95,8 +95,9 @@ def launch(fn: Callable, *args, num_processes: int = 2, mixed_precision: str = "
             kind = msg[0]
             if kind == "event":
                 _, event, state_json, kw = msg
-                state = TrainerState.from_json_string(state_json)
-                if event == "on_train_begin": progress = default_progress()
+                update = TrainerState.from_json_string(state_json)
+                if event == "on_train_begin": progress, state = default_progress(), update
+                else: vars(state).update(vars(update))  # in place: the dashboard's clock thread reads this object
                 if progress is not None: getattr(progress, event)(None, state, None, **kw)
             elif kind == "error":
                 _, rank, text, tb = msg

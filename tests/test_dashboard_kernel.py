@@ -169,6 +169,10 @@ def test_iopub_bytes_bounded(traffic):
         closed = {m["content"]["comm_id"] for m in ms if m["msg_type"] == "comm_close"}
         assert opened and opened <= closed, f"{len(opened - closed)} comms left open"
         assert [m["msg_type"] for m in ms].count("display_data") == 1  # one output area, updated in place
+        # the bars moved during the run: step values sent live, before the snapshot replaced them
+        steps = [m["content"]["data"]["state"]["value"] for m in state_updates(ms)
+                 if isinstance(m["content"]["data"]["state"].get("value"), int)]
+        assert steps and 0 < min(steps) and max(steps) <= 2000, steps
     assert base < 3_000_000, report
     assert many < 4 * base, report
 
@@ -256,6 +260,9 @@ def test_interrupt_stops_at_a_step_with_consistent_state(kernel):
     opened = {m["content"]["comm_id"] for m in msgs if m["msg_type"] == "comm_open"}
     closed = {m["content"]["comm_id"] for m in msgs if m["msg_type"] == "comm_close"}
     assert opened <= closed, f"{len(opened - closed)} comms left open after the interrupt"
+    # and the dashboard's clock thread is gone with it
+    threads = ok(run_cell(kc, "import threading; print([t.name for t in threading.enumerate()])"))
+    assert "nbtrain-dashboard" not in threads, threads
 
     # counters agree with the optimizer steps applied, and the weights are an uninterrupted run's at that step
     out = ok(run_cell(kc, f"""
