@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 import torch
 
 # %% auto #0
-__all__ = ['STRATEGIES', 'SAVE_STRATEGIES', 'SCHEDULERS', 'OPTIMIZERS', 'TRACKERS', 'TrainingArguments']
+__all__ = ['STRATEGIES', 'SAVE_STRATEGIES', 'SCHEDULERS', 'OPTIMIZERS', 'COMPILE_MODES', 'TRACKERS', 'TrainingArguments']
 
 # %% ../nbs/00_args.ipynb #8fc05dcc
 STRATEGIES = ("no", "steps", "epoch")
 SAVE_STRATEGIES = STRATEGIES + ("best",)
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 OPTIMIZERS = ("adamw_torch_fused", "adamw_torch")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 TRACKERS = ("none", "all", "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
 
 # %% ../nbs/00_args.ipynb #7581f969
@@ -67,6 +68,9 @@ class TrainingArguments:
     label_names: list[str] | None = None
     group_by_length: bool = False
     disable_tqdm: bool = False
+    torch_compile: bool = False
+    torch_compile_backend: str | None = None
+    torch_compile_mode: str | None = None
 
     def __post_init__(self):
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
@@ -112,6 +116,10 @@ class TrainingArguments:
         if self.metric_for_best_model is not None and self.greater_is_better is None:
             self.greater_is_better = not self.metric_for_best_model.endswith("loss")
         if isinstance(self.report_to, str): self.report_to = [self.report_to]
+        if self.torch_compile_backend or self.torch_compile_mode: self.torch_compile = True  # as transformers does
+        if self.torch_compile:
+            self.torch_compile_backend = self.torch_compile_backend or "inductor"
+            if self.torch_compile_mode is not None: _check_choice("torch_compile_mode", self.torch_compile_mode, COMPILE_MODES)
         for name in self.report_to: _check_choice("report_to", name, TRACKERS)
 
     @property

@@ -14,9 +14,9 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 # %% auto #0
-__all__ = ['LABEL_ALIASES', 'DataError', 'forward_arguments', 'default_label_names', 'column_names', 'ColumnPlan',
-           'collate_tensors', 'Collator', 'default_collator', 'require_examples', 'preflight_batch', 'EpochSampler',
-           'example_lengths', 'make_dataloader']
+__all__ = ['LABEL_ALIASES', 'PER_TOKEN', 'DataError', 'forward_arguments', 'default_label_names', 'column_names', 'ColumnPlan',
+           'collate_tensors', 'Collator', 'default_collator', 'trim_padding', 'require_examples', 'preflight_batch',
+           'EpochSampler', 'example_lengths', 'make_dataloader']
 
 # %% ../nbs/01_data.ipynb #53c8b21f
 class DataError(ValueError):
@@ -90,11 +90,12 @@ def collate_tensors(examples: list[dict]) -> dict[str, torch.Tensor]:
     return batch
 
 class Collator:
-    "Applies a `ColumnPlan` to each example, then the inner collator to the list."
-    def __init__(self, plan: ColumnPlan, collate_fn: Callable):
-        self.plan, self.collate_fn = plan, collate_fn
+    "Applies a `ColumnPlan` to each example, then the inner collator to the list, then (optionally) `trim_padding`."
+    def __init__(self, plan: ColumnPlan, collate_fn: Callable, trim: bool = False):
+        self.plan, self.collate_fn, self.trim = plan, collate_fn, trim
     def __call__(self, examples: list[dict]) -> dict:
-        return self.collate_fn([self.plan(e) for e in examples])
+        batch = self.collate_fn([self.plan(e) for e in examples])
+        return trim_padding(batch) if self.trim else batch
 
 def default_collator(processing_class=None) -> Callable:
     "Dynamic padding when a tokenizer is given, plain stacking otherwise."
@@ -102,6 +103,25 @@ def default_collator(processing_class=None) -> Callable:
         from transformers.data.data_collator import DataCollatorWithPadding
         return DataCollatorWithPadding(processing_class)
     return collate_tensors
+
+# %% ../nbs/01_data.ipynb #ae0bad49
+PER_TOKEN = {"input_ids", "attention_mask", "token_type_ids", "position_ids", "special_tokens_mask", "labels"}
+
+def trim_padding(batch: dict, ignore_index: int = -100) -> dict:
+    "Cut right padding shared by the whole batch, when no per-token value in the cut-off part matters."
+    mask = batch.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[1] < 2: return batch
+    width = mask.shape[1]
+    keep = int(mask.sum(1).max())
+    if keep >= width or keep == 0: return batch
+    if not bool((mask[:, 1:] <= mask[:, :-1]).all()): return batch  # left padding or holes: the positions matter
+    cut = {}
+    for k, v in batch.items():
+        if not isinstance(v, torch.Tensor) or v.dim() < 2 or v.shape[1] != width: continue
+        if k not in PER_TOKEN: return batch  # a column of this width we do not know to be per-token
+        if k == "labels" and not bool((v[:, keep:] == ignore_index).all()): return batch
+        cut[k] = v[:, :keep].contiguous()  # models call .view on labels
+    return {**batch, **cut}
 
 # %% ../nbs/01_data.ipynb #1dc07c71
 def _is_text(v) -> bool:

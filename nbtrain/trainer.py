@@ -228,7 +228,7 @@ class Trainer:
     def _collator(self, dataset, name: str) -> Collator:
         inner = self.data_collator or default_collator(self.processing_class)
         plan = ColumnPlan(column_names(dataset), self.model, self.label_names, self.args.remove_unused_columns)
-        return Collator(plan, inner)
+        return Collator(plan, inner, trim=self.data_collator is None)  # a collator of the user's own is left alone
 
     def _check_dataset(self, dataset, name: str, batch_size: int) -> tuple[Collator, dict]:
         require_examples(dataset, name)  # before the column plan reads dataset[0]
@@ -329,6 +329,12 @@ class Trainer:
             # not Accelerate's prepare_model: that also patches the model's forward with autocast for good, and a
             # later fp32 run of the same model (or a plain call in the notebook) would still run in bf16
             model = nn.parallel.DistributedDataParallel(model, device_ids=[acc.local_process_index] if acc.device.type == "cuda" else None)
+        if self.args.torch_compile:
+            # Accelerate's dynamo plugin, applied as its prepare_model does (last, and once); a plugin of our own,
+            # because Accelerate keeps the first one of the process in its shared state
+            from accelerate.utils import TorchDynamoPlugin
+            plugin = TorchDynamoPlugin(backend=self.args.torch_compile_backend, mode=self.args.torch_compile_mode)
+            model = torch.compile(model, **plugin.to_kwargs())
         return model
 
     def _backward(self, loss: torch.Tensor):
