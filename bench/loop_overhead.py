@@ -46,10 +46,12 @@ SEED = 0
 
 
 # ---------------------------------------------------------------------------------------------- setup
-def make_config():
+def make_config(hidden: int = 16, layers: int = 1, max_len: int = SEQ_LEN):
+    "The tiny BERT by default (hidden 16, one layer); `hidden=128, layers=4` is the small one."
     from transformers import BertConfig
-    return BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                      intermediate_size=32, max_position_embeddings=SEQ_LEN, num_labels=NUM_LABELS)
+    return BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                      intermediate_size=2 * hidden if hidden <= 16 else 4 * hidden, max_position_embeddings=max_len,
+                      num_labels=NUM_LABELS)
 
 
 def make_model(config, state_dict):
