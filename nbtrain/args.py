@@ -143,23 +143,28 @@ def _check_choice(name: str, value, choices: tuple):
         raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}.{hint}")
 
 # %% ../nbs/00_args.ipynb #c0e526f1
-_FIELDS = tuple(f.name for f in dataclasses.fields(TrainingArguments))
 _RENAMED = {"evaluation_strategy": "eval_strategy"}
-_dataclass_init = TrainingArguments.__init__
 
-@functools.wraps(_dataclass_init)
-def _init(self, *args, **kwargs):
-    for old, new in _RENAMED.items():
-        if old in kwargs:
-            if new in kwargs:
-                raise TypeError(f"{old!r} and {new!r} were both given; {old!r} is the deprecated name of {new!r}: pass only {new!r}.")
-            warnings.warn(f"{old!r} is deprecated; use {new!r}.", FutureWarning, stacklevel=2)
-            kwargs[new] = kwargs.pop(old)
-    for name in kwargs:
-        if name not in _FIELDS:
-            close = difflib.get_close_matches(name, _FIELDS, n=1, cutoff=0.5)
-            hint = f" Did you mean {close[0]!r}?" if close else " See help(TrainingArguments) for the accepted names."
-            raise TypeError(f"TrainingArguments got an unknown argument {name!r}.{hint}")
-    _dataclass_init(self, *args, **kwargs)
+def _checked_init(cls: type) -> type:
+    "Wrap the dataclass `__init__` of `cls`: deprecated names are mapped with a warning, unknown ones are a `TypeError`."
+    fields, dataclass_init = tuple(f.name for f in dataclasses.fields(cls)), cls.__init__
 
-TrainingArguments.__init__ = _init
+    @functools.wraps(dataclass_init)
+    def _init(self, *args, **kwargs):
+        for old, new in _RENAMED.items():
+            if old in kwargs:
+                if new in kwargs:
+                    raise TypeError(f"{old!r} and {new!r} were both given; {old!r} is the deprecated name of {new!r}: pass only {new!r}.")
+                warnings.warn(f"{old!r} is deprecated; use {new!r}.", FutureWarning, stacklevel=2)
+                kwargs[new] = kwargs.pop(old)
+        for name in kwargs:
+            if name not in fields:
+                close = difflib.get_close_matches(name, fields, n=1, cutoff=0.5)
+                hint = f" Did you mean {close[0]!r}?" if close else f" See help({cls.__name__}) for the accepted names."
+                raise TypeError(f"{cls.__name__} got an unknown argument {name!r}.{hint}")
+        dataclass_init(self, *args, **kwargs)
+
+    cls.__init__ = _init
+    return cls
+
+TrainingArguments = _checked_init(TrainingArguments)

@@ -97,9 +97,12 @@ class Collator:
         batch = self.collate_fn([self.plan(e) for e in examples])
         return trim_padding(batch) if self.trim else batch
 
-def default_collator(processing_class=None) -> Callable:
-    "Dynamic padding when a tokenizer is given, plain stacking otherwise."
+def default_collator(processing_class=None, model: torch.nn.Module | None = None) -> Callable:
+    "Dynamic padding when a tokenizer is given (labels too, for encoder-decoder models), plain stacking otherwise."
     if processing_class is not None and hasattr(processing_class, "pad"):
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            from transformers.data.data_collator import DataCollatorForSeq2Seq
+            return DataCollatorForSeq2Seq(processing_class, model=model)  # labels padded with -100, decoder inputs from them
         from transformers.data.data_collator import DataCollatorWithPadding
         return DataCollatorWithPadding(processing_class)
     return collate_tensors

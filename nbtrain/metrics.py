@@ -74,12 +74,17 @@ class StreamingMetrics:
         "Feed one batch to every metric; across processes, `gather` collects it for metrics that do not sync themselves."
         if not self.metrics: return
         if isinstance(logits, (tuple, list)) and len(logits) == 1: logits = logits[0]
-        preds, target = self.prepare(logits, labels)
-        gathered = None
+        shared = gathered = None
         for m in self.metrics.values():
-            if gather is None or hasattr(m, "sync_on_compute"): m.update(preds, target)  # torchmetrics syncs in compute()
+            own = getattr(m, "prepare", None)
+            if own is not None: inputs = own(logits, labels)  # the metric reduces the raw batch itself
             else:
-                if gathered is None: gathered = gather((preds, target))
+                if shared is None: shared = self.prepare(logits, labels)
+                inputs = shared
+            if gather is None or hasattr(m, "sync_on_compute"): m.update(*inputs)  # torchmetrics syncs in compute()
+            elif own is not None: m.update(*gather(inputs))
+            else:
+                if gathered is None: gathered = gather(shared)
                 m.update(*gathered)
 
     def compute(self, prefix: str = "eval") -> dict[str, float]:

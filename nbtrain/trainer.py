@@ -226,7 +226,7 @@ class Trainer:
 
     # ---- data -------------------------------------------------------------------------------
     def _collator(self, dataset, name: str) -> Collator:
-        inner = self.data_collator or default_collator(self.processing_class)
+        inner = self.data_collator or default_collator(self.processing_class, self.model)
         plan = ColumnPlan(column_names(dataset), self.model, self.label_names, self.args.remove_unused_columns)
         return Collator(plan, inner, trim=self.data_collator is None)  # a collator of the user's own is left alone
 
