@@ -6,6 +6,8 @@ from nbtrain.launch import launch
 from nbtrain.events import EarlyStoppingCallback, TrainerCallback, TrainerControl, TrainerState
 from nbtrain.metrics import EvalPrediction
 from nbtrain.trainer import PredictionOutput, TrainOutput, Trainer
+from nbtrain.tracking import history_from
 
 __all__ = ["Trainer", "TrainingArguments", "TrainerCallback", "TrainerControl", "TrainerState", "EarlyStoppingCallback",
-           "EvalPrediction", "PredictionOutput", "TrainOutput", "load_checkpoint", "launch"]
+           "EvalPrediction", "PredictionOutput", "TrainOutput", "load_checkpoint", "launch",
+           "history_from"]
