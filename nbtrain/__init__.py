@@ -7,7 +7,8 @@ from nbtrain.events import EarlyStoppingCallback, TrainerCallback, TrainerContro
 from nbtrain.metrics import EvalPrediction
 from nbtrain.trainer import PredictionOutput, TrainOutput, Trainer
 from nbtrain.seq2seq import Seq2SeqTrainer, Seq2SeqTrainingArguments
+from nbtrain.tracking import history_from
 
 __all__ = ["Trainer", "TrainingArguments", "TrainerCallback", "TrainerControl", "TrainerState", "EarlyStoppingCallback",
            "EvalPrediction", "PredictionOutput", "TrainOutput", "load_checkpoint", "launch",
-           "Seq2SeqTrainer", "Seq2SeqTrainingArguments"]
+           "Seq2SeqTrainer", "Seq2SeqTrainingArguments", "history_from"]

@@ -9,13 +9,14 @@ import dataclasses
 import difflib
 import functools
 import json
+import os
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 
 # %% auto #0
-__all__ = ['STRATEGIES', 'SAVE_STRATEGIES', 'SCHEDULERS', 'OPTIMIZERS', 'COMPILE_MODES', 'TRACKERS', 'TrainingArguments']
+__all__ = ['STRATEGIES', 'SAVE_STRATEGIES', 'SCHEDULERS', 'OPTIMIZERS', 'COMPILE_MODES', 'TrainingArguments', 'tracker_choices']
 
 # %% ../nbs/00_args.ipynb #8fc05dcc
 STRATEGIES = ("no", "steps", "epoch")
@@ -23,7 +24,11 @@ SAVE_STRATEGIES = STRATEGIES + ("best",)
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 OPTIMIZERS = ("adamw_torch_fused", "adamw_torch")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-TRACKERS = ("none", "all", "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
+
+def tracker_choices() -> tuple[str, ...]:
+    "What `report_to` accepts: 'none', 'all', and every experiment tracker 🤗 Accelerate knows (its own and any registered)."
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS  # imported only when a tracker is asked for
+    return ("none", "all") + tuple(LOGGER_TYPE_TO_CLASS)
 
 # %% ../nbs/00_args.ipynb #7581f969
 @dataclass
@@ -50,6 +55,8 @@ class TrainingArguments:
     logging_strategy: str = "steps"
     logging_steps: int = 500
     logging_first_step: bool = False
+    logging_dir: str | None = None
+    log_to_file: bool = True
     save_strategy: str = "steps"
     save_steps: int = 500
     save_total_limit: int | None = None
@@ -115,12 +122,17 @@ class TrainingArguments:
             self.metric_for_best_model = "loss"
         if self.metric_for_best_model is not None and self.greater_is_better is None:
             self.greater_is_better = not self.metric_for_best_model.endswith("loss")
-        if isinstance(self.report_to, str): self.report_to = [self.report_to]
+        if self.logging_dir is None and self.output_dir is not None: self.logging_dir = os.path.join(self.output_dir, "runs")
+        report_to = "none" if self.report_to is None else self.report_to
+        self.report_to = [report_to] if isinstance(report_to, str) else list(report_to)
+        if self.report_to != ["none"]:
+            for name in self.report_to: _check_choice("report_to", name, tracker_choices())
+            if "none" in self.report_to:
+                raise ValueError(f"report_to={self.report_to!r} asks for 'none' and for trackers; pass 'none' alone, or only the trackers.")
         if self.torch_compile_backend or self.torch_compile_mode: self.torch_compile = True  # as transformers does
         if self.torch_compile:
             self.torch_compile_backend = self.torch_compile_backend or "inductor"
             if self.torch_compile_mode is not None: _check_choice("torch_compile_mode", self.torch_compile_mode, COMPILE_MODES)
-        for name in self.report_to: _check_choice("report_to", name, TRACKERS)
 
     @property
     def train_batch_size(self) -> int:

@@ -30,6 +30,7 @@ from .data import (Collator, ColumnPlan, DataError, EpochSampler, column_names, 
                           preflight_batch, require_examples)
 from .events import CallbackHandler, FlowCallback, TrainerControl, TrainerState
 from .metrics import Accumulator, EvalPrediction, StreamingMetrics, _scalars
+from .tracking import LogFileCallback, TrackerCallback, history_from, resolve_trackers
 
 # %% auto #0
 __all__ = ['ENV_PRECISION', 'TRAJECTORY_ARGS', 'TrainOutput', 'PredictionOutput', 'param_groups', 'make_optimizer',
@@ -194,12 +195,15 @@ class Trainer:
         self._tr_loss, self._total_loss, self._logged_steps = torch.zeros(()), 0.0, 0
         defaults = [FlowCallback()]
         if self.args.output_dir: defaults.append(CheckpointCallback())  # also saves on interrupt with save_strategy="no"
+        if self.args.output_dir and self.args.log_to_file: defaults.append(LogFileCallback())
+        if self.accelerator.log_with: defaults.append(TrackerCallback())
         if not self.args.disable_tqdm: defaults.append(default_progress())
         self.callback_handler = CallbackHandler(defaults + list(callbacks or []), trainer=self, processing_class=processing_class)
         set_seed(self.args.seed)
         self._fire("on_init_end")
 
     def _make_accelerator(self) -> Accelerator:
+        trackers = resolve_trackers(self.args)  # a missing tracker package is an error here, before any training
         precision = "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "no"
         launched = os.environ.get(ENV_PRECISION)  # launch(..., mixed_precision=...) in this process's parent
         if launched and launched != "no":
@@ -210,7 +214,7 @@ class Trainer:
         state = AcceleratorState._shared_state
         if state and state.get("_mixed_precision", precision) != precision and state.get("num_processes", 1) == 1:
             AcceleratorState._reset_state()  # one process: a new precision for a new Trainer is safe
-        return Accelerator(mixed_precision=precision)
+        return Accelerator(mixed_precision=precision, log_with=trackers or None, project_dir=self.args.logging_dir if trackers else None)
 
     # ---- callbacks --------------------------------------------------------------------------
     def add_callback(self, callback): self.callback_handler.add_callback(callback)
@@ -598,6 +602,8 @@ class Trainer:
         "`state.log_history` as a pandas DataFrame, one row per log or evaluation."
         import pandas as pd
         return pd.DataFrame(self.state.log_history)
+
+    history_from = staticmethod(history_from)  # the same table from output_dir/log.jsonl, e.g. after a kernel restart
 
     def plot(self):
         "The loss and metric figure of the run so far."
