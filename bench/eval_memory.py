@@ -1,10 +1,14 @@
 """Peak resident memory that `evaluate()` adds on a causal LM, for one library and one eval-set size, in this process.
 
-    python bench/eval_memory.py --lib nbtrain --n 256     # prints {"growth_mb": ...} as its last line
+    python bench/eval_memory.py --lib nbtrain --n 256     # prints {"growth": bytes, ...} as its last line
     python bench/eval_memory.py --lib hf --n 256          # transformers.Trainer with compute_metrics
 
+`growth(lib, n)` runs it in a fresh process (what `bench/run.py` and `tests/test_eval_memory.py` call), with
+glibc told to hand large freed blocks back at once (`MALLOC_MMAP_THRESHOLD_`), so that the resident size follows
+the memory in use rather than what the allocator happens to keep cached.
+
 A GPT-2 of one layer with a 4,000-token vocabulary, examples of 128 random tokens, batch 8, one thread. One
-evaluation of 8 examples runs first, so lazy imports and first allocations are not counted; then the resident set
+evaluation of 16 examples runs first, so lazy imports and first allocations are not counted; then the resident set
 size is sampled every millisecond during `evaluate()` of n examples, and the peak minus the size just before is
 the growth. transformers keeps every logit for `compute_metrics` (n x 128 x 4,000 floats); nbtrain streams its
 metrics batch by batch. `bench/run.py` runs this at n and 4n for both.
@@ -20,14 +24,18 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import argparse
 import json
+import subprocess
+import sys
 import tempfile
 import threading
+from pathlib import Path
 
 import numpy as np
 import psutil
 import torch
 
 VOCAB, SEQ, BATCH = 4000, 128, 8
+LOGITS_PER_BATCH = BATCH * SEQ * VOCAB * 4  # bytes of one batch of float32 logits: 16 MB
 
 
 def model():
@@ -87,11 +95,22 @@ def measure(lib: str, n: int) -> dict:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as out:
         trainer = make_trainer(lib, out)
-        trainer.evaluate(dataset(8))
+        trainer.evaluate(dataset(2 * BATCH))
         ds = dataset(n)
         with PeakRSS() as peak:
             metrics = trainer.evaluate(ds)
-    return {"lib": lib, "n": n, "growth_mb": peak.growth / 2 ** 20, "perplexity": metrics["eval_perplexity"]}
+    return {"lib": lib, "n": n, "growth": peak.growth, "perplexity": metrics["eval_perplexity"]}
+
+
+def growth(lib: str, n: int) -> dict:
+    "`measure(lib, n)` in a fresh process."
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "1048576",
+           "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    out = subprocess.run([sys.executable, __file__, "--lib", lib, "--n", str(n)], capture_output=True, text=True, env=env,
+                         timeout=600)
+    if out.returncode: raise RuntimeError(f"eval_memory.py --lib {lib} --n {n} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":
