@@ -26,7 +26,7 @@ lib_path = cfg.get('lib_path', cfg['lib_name'])
 setuptools.setup(
     name=cfg['lib_name'],
     license=lic[0],
-    classifiers=['Development Status :: ' + statuses[int(cfg['status'])],
+    classifiers=['Development Status :: ' + next(s for s in statuses if s.startswith(cfg['status'] + ' ')),
                  'Intended Audience :: ' + cfg['audience'].title(),
                  'Natural Language :: ' + cfg['language'].title()]
                 + ['Programming Language :: Python :: ' + o for o in py_versions[py_versions.index(min_python):]]

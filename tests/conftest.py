@@ -7,9 +7,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import random
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 VOCAB = 32        # token ids 0..31; 0 is padding, 1 is [CLS]
 POSITIVE, NEGATIVE = 5, 6  # the keyword tokens that decide the label
@@ -76,3 +81,25 @@ def make_args(tmp_path):
         defaults = dict(output_dir=str(tmp_path / "out"), save_strategy="no", report_to="none", disable_tqdm=True)
         return TrainingArguments(**{**defaults, **kwargs})
     return make
+
+
+def copy_source(dest: Path) -> Path:
+    "Copy the repository's source to `dest`: git's tracked files and the untracked ones it does not ignore."
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                             capture_output=True, check=True).stdout
+        files = [f for f in out.decode().split("\0") if f and (ROOT / f).is_file()]
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout: what a build and nbdev read
+        files = [p.relative_to(ROOT).as_posix() for d in ("nbs", "nbtrain", "tools") for p in (ROOT / d).rglob("*")
+                 if p.is_file() and not {"__pycache__", ".ipynb_checkpoints"} & set(p.parts)]
+        files += [f for f in ("settings.ini", "setup.py", "pyproject.toml", "README.md", "LICENSE") if (ROOT / f).is_file()]
+    for f in files:
+        (dest / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, dest / f)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def repo_copy(tmp_path_factory) -> Path:
+    "A copy of the repository's source, to run commands in that write into it (nbdev_export, pip wheel, ...)."
+    return copy_source(tmp_path_factory.mktemp("repo") / "nbtrain")
