@@ -9,21 +9,9 @@ import shutil
 import subprocess
 import sys
 
-import pytest
-
 PROC = ("import nbdev.quarto as q; q._ensure_quarto = lambda: None; "  # never download Quarto
         "q.nbdev_proc_nbs.__wrapped__(n_workers=0)")
 
-# nbdev's docs processing executes only exported cells and cells with imports, out of order. A cell that mixes
-# imports with code using earlier cells' variables then fails there (nbdev's FAQ: "cells containing imports and
-# other code"); nbdev_test runs every cell and does not see it. The fix is in those notebooks: imports in a cell of
-# their own. Strict: once the notebooks are fixed, this test passes and the marker must go.
-KNOWN = pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "nbs/01_data.ipynb (`from datasets import Dataset` with code using `even`) and nbs/index.ipynb "
-    "(`from nbtrain import ...` with the training code) mix imports and code that needs earlier cells"))
-
-
-@KNOWN
 def test_nbdev_docs_processing(repo_copy):
     r = subprocess.run([sys.executable, "-c", PROC], cwd=repo_copy, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, f"nbdev_proc_nbs failed:\n{r.stderr[-3000:]}"
