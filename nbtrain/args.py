@@ -9,6 +9,8 @@ import dataclasses
 import difflib
 import functools
 import json
+import math
+import numbers
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -16,7 +18,8 @@ from dataclasses import dataclass, field
 import torch
 
 # %% auto #0
-__all__ = ['STRATEGIES', 'SAVE_STRATEGIES', 'SCHEDULERS', 'OPTIMIZERS', 'COMPILE_MODES', 'TrainingArguments', 'tracker_choices']
+__all__ = ['STRATEGIES', 'SAVE_STRATEGIES', 'SCHEDULERS', 'OPTIMIZERS', 'COMPILE_MODES', 'NAN_CHECKS', 'TrainingArguments',
+           'tracker_choices']
 
 # %% ../nbs/00_args.ipynb #8fc05dcc
 STRATEGIES = ("no", "steps", "epoch")
@@ -50,6 +53,7 @@ class TrainingArguments:
     lr_scheduler_type: str = "linear"
     optim: str = "adamw_torch_fused"
     max_grad_norm: float = 1.0
+    nan_check: str = "log"
     eval_strategy: str = "no"
     eval_steps: int | None = None
     logging_strategy: str = "steps"
@@ -80,6 +84,7 @@ class TrainingArguments:
     torch_compile_mode: str | None = None
 
     def __post_init__(self):
+        _check_values(self)
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -146,6 +151,42 @@ class TrainingArguments:
     def to_json_string(self) -> str:
         "The arguments as JSON, as saved beside every checkpoint."
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+# %% ../nbs/00_args.ipynb #5848651a
+NAN_CHECKS = ("log", "step", "off")
+
+def _is_int(v) -> bool: return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+def _is_real(v) -> bool: return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+def _check_values(args):
+    "Types and ranges of the numeric fields, and `nan_check`: each error names the field and a value that works."
+    for name, lo, hi, hint in (("seed", 0, 2**32 - 1, "an integer from 0 to 2**32 - 1, e.g. 42"),
+                               ("data_seed", 0, 2**32 - 1, "None or an integer from 0 to 2**32 - 1"),
+                               ("dataloader_num_workers", 0, None, "0 (load in the training process) or more worker processes"),
+                               ("warmup_steps", 0, None, "a whole number of steps, 0 or more"),
+                               ("max_steps", -1, None, "-1 (train num_train_epochs) or a positive whole number of steps"),
+                               ("save_total_limit", 1, None, "None (keep all) or a positive number of checkpoints"),
+                               ("logging_steps", 1, None, "a positive whole number of steps"),
+                               ("eval_steps", 1, None, "None or a positive whole number of steps"),
+                               ("save_steps", 1, None, "a positive whole number of steps")):
+        v = getattr(args, name)
+        if v is None and name in ("data_seed", "save_total_limit", "eval_steps"): continue
+        if not _is_int(v) or v < lo or (hi is not None and v > hi):
+            raise ValueError(f"{name}={v!r}: must be {hint}.")
+    for name, lo, hi, hint in (("num_train_epochs", None, None, "a finite number of epochs, e.g. 3"),
+                               ("learning_rate", None, None, "a finite positive number, e.g. 2e-5"),
+                               ("weight_decay", 0, None, "0 or more, e.g. 0.01"),
+                               ("adam_beta1", 0, 1, "in [0, 1), e.g. 0.9"), ("adam_beta2", 0, 1, "in [0, 1), e.g. 0.999"),
+                               ("adam_epsilon", 0, None, "0 or more, e.g. 1e-8"),
+                               ("max_grad_norm", 0, None, "0 (no clipping) or more, e.g. 1.0"),
+                               ("warmup_ratio", 0, None, "a fraction of the run in [0, 1]")):
+        v = getattr(args, name)
+        if not _is_real(v) or not math.isfinite(v) or (lo is not None and v < lo) or (hi is not None and v >= hi):
+            raise ValueError(f"{name}={v!r}: must be {hint}.")
+    if args.label_names is not None and not (isinstance(args.label_names, (list, tuple)) and args.label_names
+                                             and all(isinstance(n, str) for n in args.label_names)):
+        raise ValueError(f"label_names={args.label_names!r}: must be None or a non-empty list of column names, e.g. ['labels'].")
+    _check_choice("nan_check", args.nan_check, NAN_CHECKS)
 
 # %% ../nbs/00_args.ipynb #30b28792
 def _check_choice(name: str, value, choices: tuple):

@@ -21,11 +21,11 @@ from safetensors.torch import load_file, save_file
 from .events import TrainerCallback, TrainerState, is_better, metric_value
 
 # %% auto #0
-__all__ = ['PREFIX', 'MARKER', 'WEIGHTS', 'CheckpointError', 'optimizer_to_files', 'optimizer_from_files', 'rng_to_files',
-           'rng_from_files', 'save_weights', 'check_weight_files', 'weights_mismatch', 'read_weights', 'load_weights',
-           'is_complete', 'list_checkpoints', 'latest_checkpoint', 'clean_leftovers', 'save_checkpoint',
-           'rotate_checkpoints', 'resolve_checkpoint', 'load_checkpoint', 'restore_training', 'read_loop_state',
-           'CheckpointCallback']
+__all__ = ['PREFIX', 'MARKER', 'WEIGHTS', 'CheckpointError', 'CheckpointWriteError', 'optimizer_to_files', 'optimizer_from_files',
+           'rng_to_files', 'rng_from_files', 'save_weights', 'check_weight_files', 'weights_mismatch', 'read_weights',
+           'load_weights', 'is_complete', 'list_checkpoints', 'latest_checkpoint', 'clean_leftovers', 'save_checkpoint',
+           'os_error', 'rotate_checkpoints', 'resolve_checkpoint', 'load_checkpoint', 'restore_training',
+           'read_loop_state', 'CheckpointCallback']
 
 # %% ../nbs/04_checkpoint.ipynb #6898e118
 PREFIX = "checkpoint"
@@ -35,6 +35,9 @@ _STEP = re.compile(rf"^{PREFIX}-(\d+)$")
 
 class CheckpointError(ValueError):
     "A checkpoint that cannot be used: damaged, incomplete, or not made for this model."
+
+class CheckpointWriteError(OSError):
+    "A checkpoint that could not be written (disk full, permission denied); `errno` is the file system's."
 
 def _fsync_tree(folder: Path):
     for p in folder.rglob("*"):
@@ -264,36 +267,67 @@ def save_checkpoint(output_dir: str | Path, state: TrainerState, model, optimize
     """Write `checkpoint-{global_step}` into `output_dir` atomically; returns its path.
 
     `loop_state` is what the training loop keeps between logs (e.g. the loss summed since the last log), as JSON."""
-    output_dir = Path(output_dir); output_dir.mkdir(parents=True, exist_ok=True)
-    clean_leftovers(output_dir)
+    output_dir = Path(output_dir)
     final = output_dir / f"{PREFIX}-{state.global_step}"
     tmp = output_dir / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists(): shutil.rmtree(tmp)
+    part = "its temporary folder"  # what is being written, for the message if the file system refuses
     try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        clean_leftovers(output_dir)
+        if tmp.exists(): shutil.rmtree(tmp)
         tmp.mkdir()
-        save_weights(model, tmp)
-        if processing_class is not None and hasattr(processing_class, "save_pretrained"): processing_class.save_pretrained(tmp)
-        if optimizer is not None: optimizer_to_files(optimizer, tmp)
+        part = "the model weights"; save_weights(model, tmp)
+        if processing_class is not None and hasattr(processing_class, "save_pretrained"):
+            part = "the tokenizer"; processing_class.save_pretrained(tmp)
+        if optimizer is not None: part = "the optimizer state"; optimizer_to_files(optimizer, tmp)
+        part = "the scheduler, scaler and random states"
         if scheduler is not None: _write_state(tmp / "scheduler.json", scheduler.state_dict())
         if scaler is not None: _write_state(tmp / "scaler.json", scaler.state_dict())
         rng_to_files(tmp)
+        part = "trainer_state.json"
         state.stateful_callbacks = {type(cb).__name__: cb.state_dict() for cb in callbacks if hasattr(cb, "state_dict")}
         (tmp / "trainer_state.json").write_text(state.to_json_string())
+        part = "training_args.json and loop_state.json"
         if args is not None: (tmp / "training_args.json").write_text(args.to_json_string())
         if loop_state is not None: _write_state(tmp / "loop_state.json", loop_state)
-        _fsync_tree(tmp)
+        part = "the files to disk (fsync)"; _fsync_tree(tmp)
+        part = f"the {MARKER} marker"
         _write_json(tmp / MARKER, {"global_step": state.global_step, "time": time.time()})
         with open(tmp / MARKER, "rb") as f: os.fsync(f.fileno())
         _fsync_dir(tmp)
+        part = f"the rename of the finished folder to {final.name}"
         if final.exists():  # the same step saved again (e.g. after an interrupt): swap, never leave a gap
             old = output_dir / f".old-{final.name}-{os.getpid()}"
-            final.rename(old); tmp.rename(final); shutil.rmtree(old)
+            final.rename(old)
+            try: tmp.rename(final)
+            except BaseException: old.rename(final); raise
+            shutil.rmtree(old)
         else: tmp.rename(final)
         _fsync_dir(output_dir)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        refused = os_error(e) if not isinstance(e, CheckpointWriteError) else None
+        if refused is not None: raise _write_failed(refused, final, part) from e
         raise
     return final
+
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+def os_error(e: BaseException) -> OSError | None:
+    "The file-system error behind `e`: an `OSError`, or safetensors' error wrapping one (its message ends `(os error N)`)."
+    if isinstance(e, OSError): return e
+    m = _OS_ERROR.search(str(e))
+    return OSError(int(m.group(1)), os.strerror(int(m.group(1)))) if m else None
+
+def _write_failed(e: OSError, final: Path, part: str) -> CheckpointWriteError:
+    "What failed, where, what is kept, and what to do."
+    kept = [p.name for p in list_checkpoints(final.parent)]
+    kept = f"the earlier checkpoints are intact ({', '.join(kept)})" if kept else "there is no earlier checkpoint"
+    err = CheckpointWriteError(e.errno, f"could not write {final.name} in {final.parent}: writing {part} failed with "
+                               f"{e.strerror or e}. The partial folder was removed and {kept}. Free space (or fix the "
+                               "permissions) there, or save to another output_dir.")
+    err.filename = e.filename
+    return err
 
 # %% ../nbs/04_checkpoint.ipynb #b0d7c3b0
 def rotate_checkpoints(output_dir: str | Path, limit: int | None, best: str | Path | None = None) -> list[Path]:

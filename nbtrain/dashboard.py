@@ -35,6 +35,10 @@ def format_value(v) -> str:
 _SKIP = {"epoch", "step", "total_flos"}
 _TIMINGS = ("_runtime", "_per_second")
 
+def _failure(error) -> str:
+    "`: NonFiniteLossError` after a failed run's status, so the snapshot says what stopped it."
+    return f": {type(error).__name__}" if isinstance(error, BaseException) else ""
+
 # %% ../nbs/05_dashboard.ipynb #843e6173
 class ConsoleProgress(TrainerCallback):
     "One line per logged step (training and evaluation values together) and a final summary, for terminals and logs."
@@ -70,12 +74,12 @@ class ConsoleProgress(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.pending and state.global_step > self.pending[0]: self._flush()
 
-    def on_train_end(self, args, state, control, outcome="finished", **kwargs):
+    def on_train_end(self, args, state, control, outcome="finished", error=None, **kwargs):
         self._flush(); self.training = False
         if not state.is_world_process_zero: return
         if outcome != "finished":
             self._print(f"{outcome} at step {state.global_step} of {state.max_steps} "
-                        f"after {format_duration(time.perf_counter() - self.start)}")
+                        f"after {format_duration(time.perf_counter() - self.start)}{_failure(error)}")
             return
         last = next((h for h in reversed(state.log_history) if "train_runtime" in h), {})
         evals = [h for h in state.log_history if any(k.startswith("eval_") and not k.endswith(_TIMINGS) for k in h)]
@@ -386,7 +390,7 @@ class NotebookDashboard(TrainerCallback):
             self.w_eval_note.value = f"<code>{p.eval_done}/{p.eval_total}</code>"
 
     # ---- the snapshot -------------------------------------------------------------------------
-    def on_train_end(self, args, state, control, outcome: str = "finished", **kwargs):
+    def on_train_end(self, args, state, control, outcome: str = "finished", error=None, **kwargs):
         if not self.live: return
         self.stop.set(); self.ticker.join()
         self.live = False
@@ -394,7 +398,7 @@ class NotebookDashboard(TrainerCallback):
         p.status = {"finished": f"finished: {state.global_step} steps in {format_duration(time.perf_counter() - p.start)}",
                     "interrupted": f"interrupted at step {state.global_step} of {state.max_steps}: "
                                    "trainer.train() continues from there",
-                    }.get(outcome, f"{outcome} at step {state.global_step} of {state.max_steps}")
+                    }.get(outcome, f"{outcome} at step {state.global_step} of {state.max_steps}{_failure(error)}")
         if self.mode == "widgets": close_tree(self.box)  # no comm left open in the kernel or the saved notebook
         bundle = self._html_bundle(state)
         svg = history_svg(state.log_history)

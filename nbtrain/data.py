@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader, Sampler
 
 # %% auto #0
 __all__ = ['LABEL_ALIASES', 'PER_TOKEN', 'DataError', 'forward_arguments', 'default_label_names', 'column_names', 'ColumnPlan',
-           'collate_tensors', 'Collator', 'default_collator', 'trim_padding', 'require_examples', 'preflight_batch',
-           'EpochSampler', 'example_lengths', 'make_dataloader']
+           'collate_tensors', 'Collator', 'default_collator', 'trim_padding', 'require_examples', 'check_examples',
+           'preflight_batch', 'EpochSampler', 'example_lengths', 'make_dataloader']
 
 # %% ../nbs/01_data.ipynb #53c8b21f
 class DataError(ValueError):
@@ -68,7 +68,17 @@ class ColumnPlan:
 
     def __call__(self, example: dict) -> dict:
         "Select and rename the columns of one example."
-        return {self.renames.get(c, c): example[c] for c in self.used}
+        try: return {self.renames.get(c, c): example[c] for c in self.used}
+        except (KeyError, TypeError, IndexError) as e: raise self._mismatch(example) from e
+
+    def _mismatch(self, example) -> DataError:
+        if not isinstance(example, dict):
+            return DataError(f"an example is a {type(example).__name__}, not a dict like the first one (columns "
+                             f"{', '.join(self.columns)}); every example must be a dict of column -> value.")
+        missing = [c for c in self.used if c not in example]
+        return DataError(f"an example has no column {', '.join(map(repr, missing))} (it has {', '.join(map(repr, example)) or 'none'}); "
+                         f"every example needs the columns of the first one ({', '.join(self.used)}). Fill the gap "
+                         "(dataset.map) or drop those examples (dataset.filter).")
 
     def summary(self, name: str = "train_dataset") -> str:
         "One line saying what is used and what is dropped."
@@ -90,11 +100,22 @@ def collate_tensors(examples: list[dict]) -> dict[str, torch.Tensor]:
     return batch
 
 class Collator:
-    "Applies a `ColumnPlan` to each example, then the inner collator to the list, then (optionally) `trim_padding`."
-    def __init__(self, plan: ColumnPlan, collate_fn: Callable, trim: bool = False):
-        self.plan, self.collate_fn, self.trim = plan, collate_fn, trim
+    """Applies a `ColumnPlan` to each example, then the inner collator to the list, then (with `trim`) `trim_padding`;
+    a failure is a `DataError` that names the dataset and, where it can tell, the column. `pads`: whether the inner
+    collator pads ragged columns."""
+    def __init__(self, plan: ColumnPlan, collate_fn: Callable, name: str = "train_dataset", pads: bool = False,
+                 trim: bool = False):
+        self.plan, self.collate_fn, self.name, self.pads, self.trim = plan, collate_fn, name, pads, trim
     def __call__(self, examples: list[dict]) -> dict:
-        batch = self.collate_fn([self.plan(e) for e in examples])
+        return self.collate([self.plan(e) for e in examples])
+    def collate(self, examples: list[dict], what: str = "a batch") -> dict:
+        "The inner collator on examples the plan has already selected."
+        try: batch = self.collate_fn(examples)
+        except Exception as e:
+            if not self.pads: check_examples(examples, self.name)  # a DataError naming the column, when it finds one
+            inner = getattr(self.collate_fn, "__name__", type(self.collate_fn).__name__)
+            raise DataError(f"{self.name}: collating {what} failed in {inner} with {type(e).__name__}: {e}. "
+                            f"Columns given to the collator: {', '.join(examples[0]) if examples else 'none'}.") from e
         return trim_padding(batch) if self.trim else batch
 
 def default_collator(processing_class=None, model: torch.nn.Module | None = None) -> Callable:
@@ -137,34 +158,44 @@ def _lengths(examples: list[dict], col: str) -> set[int]:
 def require_examples(dataset, name: str = "train_dataset"):
     "A `DataError` unless `dataset` is an indexable, non-empty collection of examples."
     if dataset is None: raise DataError(f"{name} is None; pass a dataset to Trainer({name}=...).")
+    if isinstance(dataset, (dict, str, bytes)):
+        hint = " (columns: use datasets.Dataset.from_dict(d))" if isinstance(dataset, dict) else ""
+        raise DataError(f"{name} is a {type(dataset).__name__}{hint}; pass a datasets.Dataset, a torch Dataset or a list of dicts.")
     if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
         raise DataError(f"{name} is a {type(dataset).__name__}, which has no length or indexing; pass a datasets.Dataset, "
                         "a torch Dataset or a list of dicts.")
     if len(dataset) == 0: raise DataError(f"{name} is empty (0 examples); check the filtering or splitting that built it.")
 
-def preflight_batch(dataset, collator: Collator, batch_size: int, name: str = "train_dataset",
-                    has_tokenizer: bool = False) -> dict:
-    "Collate the first batch of `dataset`, turning every problem into a `DataError` that names the column."
-    require_examples(dataset, name)
-    examples = [collator.plan(dataset[i]) for i in range(min(batch_size, len(dataset)))]
-    if not examples[0]:
-        raise DataError(f"{name}: no column is an argument of {collator.plan.model_name}.forward "
-                        f"(columns: {', '.join(collator.plan.columns)}); tokenize the text first, or rename the columns.")
-    for col, v in examples[0].items():
-        if _is_text(v):
+def check_examples(examples: list[dict], name: str = "train_dataset", pads: bool = False):
+    "A `DataError` naming the column when examples hold `None` or text, or lengths that differ with nothing to pad them."
+    for col in examples[0]:
+        if nones := sum(e[col] is None for e in examples):
+            raise DataError(f"{name}: column {col!r} is None in {nones} of {len(examples)} examples of a batch; fill the "
+                            "missing values (dataset.map) or drop those examples (dataset.filter).")
+        if any(_is_text(e[col]) for e in examples):
             raise DataError(f"{name}: column {col!r} holds text, which cannot be made into a tensor. Tokenize it first "
                             f"(dataset.map(lambda b: tokenizer(b[{col!r}], truncation=True), batched=True)), "
                             f"or drop it (remove_unused_columns=True, or dataset.remove_columns({col!r})).")
         lengths = sorted(_lengths(examples, col))
-        if not has_tokenizer and len(lengths) > 1:
+        if not pads and len(lengths) > 1:
             lo, hi = lengths[0], lengths[-1]
             raise DataError(f"{name}: column {col!r} has examples of different lengths ({lo} and {hi}) and nothing pads them; "
                             "pass processing_class=tokenizer for dynamic padding, a data_collator that pads, "
                             "or pad when tokenizing (padding='max_length').")
-    try: return collator.collate_fn(examples)
-    except Exception as e:
-        raise DataError(f"{name}: collating the first batch failed with {type(e).__name__}: {e}. "
-                        f"Columns given to the collator: {', '.join(examples[0])}.") from e
+
+def preflight_batch(dataset, collator: Collator, batch_size: int, name: str = "train_dataset",
+                    has_tokenizer: bool = False) -> dict:
+    "Collate the first batch of `dataset`, turning every problem into a `DataError` that names the column."
+    require_examples(dataset, name)
+    examples = []
+    for i in range(min(batch_size, len(dataset))):
+        try: examples.append(collator.plan(dataset[i]))
+        except DataError as e: raise DataError(f"{name}, example {i}: {e}") from e
+    if not examples[0]:
+        raise DataError(f"{name}: no column is an argument of {collator.plan.model_name}.forward "
+                        f"(columns: {', '.join(collator.plan.columns)}); tokenize the text first, or rename the columns.")
+    check_examples(examples, name, pads=has_tokenizer or collator.pads)
+    return collator.collate(examples, "the first batch")
 
 # %% ../nbs/01_data.ipynb #ad0a7004
 class EpochSampler(Sampler):
@@ -189,9 +220,13 @@ class EpochSampler(Sampler):
 # %% ../nbs/01_data.ipynb #aff5e6a5
 def example_lengths(dataset, column: str = "input_ids") -> list[int]:
     "Length of `column` in each example, read column-wise when the dataset allows it."
-    try: values = dataset[column]
-    except Exception: values = [dataset[i][column] for i in range(len(dataset))]
-    return [len(v) for v in values]
+    try:
+        try: values = dataset[column]
+        except Exception: values = [dataset[i][column] for i in range(len(dataset))]
+        return [len(v) for v in values]
+    except Exception as e:
+        raise DataError(f"group_by_length=True measures each example's {column!r}, and the dataset has no such column with a "
+                        f"length in every example ({type(e).__name__}: {e}); set group_by_length=False.") from e
 
 def make_dataloader(dataset, collator: Callable, batch_size: int, shuffle: bool, seed: int = 0,
                     num_workers: int = 0, drop_last: bool = False, group_by_length: bool = False) -> DataLoader:

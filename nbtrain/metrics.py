@@ -11,7 +11,12 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['IGNORE_INDEX', 'EvalPrediction', 'align', 'check_metrics', 'StreamingMetrics', 'Accumulator']
+__all__ = ['IGNORE_INDEX', 'MetricError', 'EvalPrediction', 'align', 'check_metrics', 'StreamingMetrics', 'compute_metric_values',
+           'Accumulator']
+
+# %% ../nbs/03_metrics.ipynb #1676ac66
+class MetricError(ValueError):
+    "A metric or `compute_metrics` that raised, or returned something that is not a number; the message names it."
 
 # %% ../nbs/03_metrics.ipynb #12c8a131
 class EvalPrediction:
@@ -75,23 +80,58 @@ class StreamingMetrics:
         if not self.metrics: return
         if isinstance(logits, (tuple, list)) and len(logits) == 1: logits = logits[0]
         shared = gathered = None
-        for m in self.metrics.values():
+        for name, m in self.metrics.items():
             own = getattr(m, "prepare", None)
-            if own is not None: inputs = own(logits, labels)  # the metric reduces the raw batch itself
-            else:
-                if shared is None: shared = self.prepare(logits, labels)
-                inputs = shared
-            if gather is None or hasattr(m, "sync_on_compute"): m.update(*inputs)  # torchmetrics syncs in compute()
-            elif own is not None: m.update(*gather(inputs))
-            else:
-                if gathered is None: gathered = gather(shared)
-                m.update(*gathered)
+            try:
+                if own is not None: inputs = own(logits, labels)  # the metric reduces the raw batch itself
+                else:
+                    if shared is None: shared = self.prepare(logits, labels)
+                    inputs = shared
+            except Exception as e:
+                raise MetricError(f"lining up logits {_shape(logits)} and labels {_shape(labels)} for metric {name!r} failed "
+                                  f"with {type(e).__name__}: {e}; pass preprocess_logits_for_metrics= to reshape them.") from e
+            try:
+                if gather is None or hasattr(m, "sync_on_compute"): m.update(*inputs)  # torchmetrics syncs in compute()
+                elif own is not None: m.update(*gather(inputs))
+                else:
+                    if gathered is None: gathered = gather(shared)
+                    m.update(*gathered)
+            except Exception as e: raise _failed(name, m, "update", e, *inputs[:2]) from e
 
     def compute(self, prefix: str = "eval") -> dict[str, float]:
         "Every metric's value, named `<prefix>_<name>`."
         out = {}
-        for name, m in self.metrics.items(): out.update(_scalars(f"{prefix}_{name}", m.compute()))
+        for name, m in self.metrics.items():
+            try: out.update(_scalars(f"{prefix}_{name}", m.compute()))
+            except Exception as e: raise _failed(name, m, "compute", e) from e
         return out
+
+def _shape(x) -> str:
+    if isinstance(x, (tuple, list)): return "(" + ", ".join(_shape(v) for v in x) + ")"
+    return f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}" if hasattr(x, "shape") else type(x).__name__
+
+def _failed(name: str, metric, method: str, e: Exception, preds=None, target=None) -> MetricError:
+    given = f" (given predictions {_shape(preds)} and targets {_shape(target)})" if preds is not None else ""
+    return MetricError(f"metrics[{name!r}] ({type(metric).__name__}).{method}() raised {type(e).__name__}: {e}{given}. "
+                       "Check the metric's arguments (e.g. num_classes) against the model's outputs.")
+
+def compute_metric_values(compute_metrics: Callable, prediction: EvalPrediction, prefix: str = "eval") -> dict[str, float]:
+    "Call `compute_metrics` and name its values `<prefix>_<name>`; a failure is a `MetricError` that says what went wrong."
+    try: out = compute_metrics(prediction)
+    except Exception as e:
+        raise MetricError(f"compute_metrics ({getattr(compute_metrics, '__name__', type(compute_metrics).__name__)}) raised "
+                          f"{type(e).__name__}: {e}. It was given predictions {_shape(prediction.predictions)} and label_ids "
+                          f"{_shape(prediction.label_ids)} as numpy arrays.") from e
+    if not isinstance(out, dict):
+        raise MetricError(f"compute_metrics must return a dict of name -> value, got {type(out).__name__}; "
+                          "return e.g. {'accuracy': 0.9}.")
+    values = {}
+    for k, v in out.items():
+        try: values.update(_scalars(k if k.startswith(f"{prefix}_") else f"{prefix}_{k}", v))
+        except Exception as e:
+            raise MetricError(f"compute_metrics returned {k!r}: {str(v)[:60]!r}, which is not a number "
+                              f"({type(e).__name__}: {e}); return floats (or dicts of floats).") from e
+    return values
 
 # %% ../nbs/03_metrics.ipynb #525d1112
 def _pad_cat(arrays: list[np.ndarray], pad=IGNORE_INDEX) -> np.ndarray:

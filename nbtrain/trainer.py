@@ -10,6 +10,7 @@ import functools
 import math
 import os
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -23,18 +24,20 @@ from accelerate.utils import send_to_device, set_seed
 from torch import nn
 
 from .args import TrainingArguments
-from .checkpoint import (CheckpointCallback, load_weights, read_loop_state, resolve_checkpoint, restore_training,
-                                save_weights)
+from .checkpoint import (CheckpointCallback, CheckpointWriteError, load_weights, os_error, read_loop_state,
+                                resolve_checkpoint, restore_training, save_weights)
 from .dashboard import default_progress, plot_history
 from .data import (Collator, ColumnPlan, DataError, EpochSampler, column_names, default_collator, make_dataloader,
                           preflight_batch, require_examples)
 from .events import CallbackHandler, FlowCallback, TrainerControl, TrainerState
-from .metrics import Accumulator, EvalPrediction, StreamingMetrics, _scalars
+from .metrics import Accumulator, EvalPrediction, MetricError, StreamingMetrics, compute_metric_values
 from .tracking import LogFileCallback, TrackerCallback, history_from, resolve_trackers
 
 # %% auto #0
 __all__ = ['ENV_PRECISION', 'TRAJECTORY_ARGS', 'TrainOutput', 'PredictionOutput', 'param_groups', 'make_optimizer',
-           'make_scheduler', 'split_outputs', 'TrainingInterrupted', 'InterruptFlag', 'Trainer']
+           'make_scheduler', 'split_outputs', 'TrainingInterrupted', 'InterruptFlag', 'NonFiniteLossError',
+           'describe_batch', 'batch_error', 'weights_finite', 'ScalerWatch', 'loader_position', 'stop_loader_workers',
+           'Trainer']
 
 # %% ../nbs/06_trainer.ipynb #54985f06
 ENV_PRECISION = "NBTRAIN_MIXED_PRECISION"  # set by `launch` in its children; the Trainer's Accelerator uses it
@@ -158,6 +161,106 @@ class InterruptFlag:
         try: yield self
         finally: signal.signal(signal.SIGINT, previous)
 
+# %% ../nbs/06_trainer.ipynb #9ca3f856
+class NonFiniteLossError(FloatingPointError):
+    "The training loss became NaN or infinite; the message says when, and which weights the model holds now."
+
+def describe_batch(batch) -> str:
+    "Each tensor's shape and dtype, with the range of integer ones (where a label out of range shows)."
+    if not isinstance(batch, dict): return type(batch).__name__
+    parts = []
+    for k, v in batch.items():
+        if not isinstance(v, torch.Tensor): parts.append(f"{k} {type(v).__name__}"); continue
+        d = f"{k} {tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}"
+        try:
+            if v.numel() and not (v.is_floating_point() or v.is_complex()): d += f" in [{int(v.min())}, {int(v.max())}]"
+        except Exception: pass  # e.g. a device that has failed: the shapes still help
+        parts.append(d)
+    return ", ".join(parts)
+
+def _cause(e: BaseException) -> str:
+    "An exception in one line; for a DataLoader worker's, the last line of the worker's traceback."
+    msg = str(e).strip()
+    if "Original Traceback" in msg: msg = msg.splitlines()[-1].rstrip(".") + " (in a DataLoader worker)"
+    msg = msg.rstrip(".")
+    return msg if isinstance(e, DataError) else f"{type(e).__name__}: {msg}"
+
+def batch_error(e: Exception, where: str, batch: dict | None = None, later: bool = True) -> DataError:
+    "A failure to build a batch (`batch=None`) or to run the model on it, as a `DataError` that says where."
+    what = (f"building the batch failed: {_cause(e)}" if batch is None else
+            f"the model failed on it with {_cause(e)}. The batch: {describe_batch(batch)}")
+    hint = ("The batches before it went through: look for what differs in this one (a missing or None value, a label "
+            "outside the model's classes, another length or type)." if later else
+            "Check that the columns match the model's forward arguments, and the labels its outputs (e.g. num_labels).")
+    return DataError(f"{where}: {what}. {hint}")
+
+_PASS_THROUGH = (MemoryError, torch.OutOfMemoryError)  # not about the data: raised as they are
+
+def weights_finite(model: nn.Module) -> bool:
+    "Whether every parameter is finite; one device sync, no copy of the weights."
+    sums = [p.detach().sum(dtype=torch.float32) for p in model.parameters()]
+    return not sums or bool(torch.isfinite(torch.stack(sums).sum()))
+
+# %% ../nbs/06_trainer.ipynb #40945fc8
+class ScalerWatch:
+    "fp16's grad scaler, watched on the device: steps it skips are counted, non-finite losses kept out of the sum."
+    def __init__(self, scaler, device):
+        self.scaler, self.seen, self._before = scaler, 0, None
+        self.skipped = torch.zeros((), dtype=torch.int64, device=device)  # optimizer steps skipped, this run
+        self.bad = torch.zeros((), dtype=torch.int64, device=device)      # non-finite micro-batch losses since the last read
+
+    def add_loss(self, tr_loss: torch.Tensor, loss: torch.Tensor):
+        "`tr_loss += loss` when `loss` is finite; otherwise count it (its step is skipped by the scaler)."
+        finite = torch.isfinite(loss)
+        tr_loss.add_(torch.where(finite, loss, torch.zeros_like(loss)))
+        self.bad.add_(~finite)
+        self.seen += 1
+
+    def step(self, optimizer):
+        "`scaler.step` then `scaler.update`; the scale goes down exactly when the step was skipped."
+        s = self.scaler
+        if getattr(s, "_scale", None) is None: s.step(optimizer); s.update(); return
+        if self._before is None: self._before = s._scale.clone()
+        else: self._before.copy_(s._scale)
+        s.step(optimizer); s.update()
+        self.skipped.add_(s._scale < self._before)
+
+    def read(self) -> tuple[int, int, int]:
+        "`(non-finite losses, micro-batches)` since the last read, and the steps skipped in this run; one sync."
+        bad, skipped = torch.stack([self.bad, self.skipped]).tolist()
+        seen, self.seen = self.seen, 0
+        self.bad.zero_()
+        return bad, seen, skipped
+
+# %% ../nbs/06_trainer.ipynb #ed06e745
+def _loader_iterators(error: BaseException | None) -> list:
+    "The DataLoader iterators in the frames of `error`'s traceback and those of its causes."
+    from torch.utils.data.dataloader import _BaseDataLoaderIter
+    found, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        tb = error.__traceback__
+        while tb is not None:
+            found += [v for v in tb.tb_frame.f_locals.values() if isinstance(v, _BaseDataLoaderIter) and v not in found]
+            tb = tb.tb_next
+        error = error.__cause__ or error.__context__
+    return found
+
+def loader_position(error: BaseException, default: int) -> int:
+    """Index of the batch a DataLoader failed to build, from its iterator in the traceback. Accelerate's loaders fetch one
+    batch ahead, so the batch the loop asked for is not always the one that failed."""
+    its = _loader_iterators(error)
+    return getattr(its[0], "_num_yielded", default) if its else default
+
+def stop_loader_workers(batches=None, error: BaseException | None = None):
+    """End the worker processes of a DataLoader iteration now. A failed run's traceback holds the iterator (IPython
+    keeps the last traceback), and its workers would otherwise live as long as that."""
+    from torch.utils.data.dataloader import _BaseDataLoaderIter
+    if hasattr(batches, "close"): batches.close()  # Accelerate's loaders iterate in a generator: closing it frees the iterator
+    found = ([batches] if isinstance(batches, _BaseDataLoaderIter) else []) + _loader_iterators(error)
+    for it in found:
+        if hasattr(it, "_shutdown_workers"): it._shutdown_workers()
+
 # %% ../nbs/06_trainer.ipynb #ae26f92e
 class Trainer:
     "Train, evaluate and predict with transformers' Trainer API, made for notebooks."
@@ -192,6 +295,7 @@ class Trainer:
         self.accelerator = self._make_accelerator()
         self.state, self.control = TrainerState(), TrainerControl()
         self.last_checkpoint, self._eval_dl, self._interrupted_at = None, None, None
+        self._watch, self._good_checkpoint = None, None  # fp16's ScalerWatch; the checkpoint to go back to after a NaN
         self._tr_loss, self._total_loss, self._logged_steps = torch.zeros(()), 0.0, 0
         defaults = [FlowCallback()]
         if self.args.output_dir: defaults.append(CheckpointCallback())  # also saves on interrupt with save_strategy="no"
@@ -232,14 +336,13 @@ class Trainer:
     def _collator(self, dataset, name: str) -> Collator:
         inner = self.data_collator or default_collator(self.processing_class, self.model)
         plan = ColumnPlan(column_names(dataset), self.model, self.label_names, self.args.remove_unused_columns)
-        return Collator(plan, inner, trim=self.data_collator is None)  # a collator of the user's own is left alone
+        return Collator(plan, inner, name, pads=self.processing_class is not None or self.data_collator is not None,
+                        trim=self.data_collator is None)  # a collator of the user's own is left alone
 
     def _check_dataset(self, dataset, name: str, batch_size: int) -> tuple[Collator, dict]:
         require_examples(dataset, name)  # before the column plan reads dataset[0]
         collator = self._collator(dataset, name)
-        batch = preflight_batch(dataset, collator, batch_size, name,
-                                has_tokenizer=self.processing_class is not None or self.data_collator is not None)
-        return collator, batch
+        return collator, preflight_batch(dataset, collator, batch_size, name)
 
     def get_train_dataloader(self):
         "The training DataLoader, shuffled by `data_seed` (or `seed`), after the preflight check."
@@ -255,7 +358,7 @@ class Trainer:
     def get_eval_dataloader(self, eval_dataset=None, name: str = "eval_dataset"):
         "A sequential DataLoader for evaluation or prediction, after the preflight check."
         ds = eval_dataset if eval_dataset is not None else self.eval_dataset
-        collator, _ = self._check_dataset(ds, name, self.args.per_device_eval_batch_size)
+        collator, self._first_eval_batch = self._check_dataset(ds, name, self.args.per_device_eval_batch_size)
         return make_dataloader(ds, collator, self.args.per_device_eval_batch_size, shuffle=False,
                                num_workers=self.args.dataloader_num_workers)
 
@@ -279,6 +382,9 @@ class Trainer:
     # ---- preflight --------------------------------------------------------------------------
     def _preflight(self, model, batch: dict, eval_dl):
         "Run the first batch through the model (eval mode, no grad) and check what the run will need."
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError(f"{type(model).__name__} has no trainable parameters (none with requires_grad=True), so there is "
+                             "nothing to train; unfreeze some, e.g. for p in model.classifier.parameters(): p.requires_grad_(True).")
         was_training = model.training
         model.eval()
         try:
@@ -286,29 +392,33 @@ class Trainer:
                 try: loss, _ = self.compute_loss(model, dict(batch), return_outputs=True)
                 except DataError: raise
                 except Exception as e:
-                    raise DataError(f"the first training batch fails in the model: {type(e).__name__}: {e}. Batch: "
-                                    + ", ".join(f"{k} {tuple(v.shape) if hasattr(v, 'shape') else type(v).__name__}" for k, v in batch.items())) from e
+                    raise batch_error(e, "preflight, the first train_dataset batch", batch, later=False) from e
                 if not (isinstance(loss, torch.Tensor) and loss.dim() == 0):
                     raise TypeError(f"the loss must be a scalar tensor, got {type(loss).__name__} "
                                     f"{tuple(loss.shape) if hasattr(loss, 'shape') else ''}; reduce it (e.g. .mean()).")
+                if self.args.nan_check != "off" and not torch.isfinite(loss):
+                    raise NonFiniteLossError(f"the first train_dataset batch gives a loss of {loss.item()} before any training "
+                                             "step, so the inputs (or the initial weights) hold NaN or inf values; check the data "
+                                             f"({describe_batch(batch)}), or pass nan_check='off' to train anyway.")
+                if eval_dl is not None: names = {"loss"} | {k.removeprefix("eval_") for k in self._eval_once(model)}
                 if self.args.metric_for_best_model and eval_dl is not None:
-                    names = {"loss"} | {k.removeprefix("eval_") for k in self._eval_once(model, eval_dl)}
                     want = self.args.metric_for_best_model.removeprefix("eval_")
                     if want not in names:
                         raise ValueError(f"metric_for_best_model={self.args.metric_for_best_model!r} is never computed; the "
                                          f"evaluation gives {sorted(names)}. Use one of those, or add it to metrics= / compute_metrics.")
         finally: model.train(was_training)
 
-    def _eval_once(self, model, eval_dl) -> dict:
-        "Metric names from one evaluation batch (streaming metrics and `compute_metrics`)."
-        _, logits, labels = self._prediction_step(model, send_to_device(next(iter(eval_dl)), self.accelerator.device))
+    def _eval_once(self, model) -> dict:
+        "Metric names from the first evaluation batch (streaming metrics and `compute_metrics`, when a best model is tracked)."
+        batch = send_to_device(self._first_eval_batch, self.accelerator.device)
+        try: _, logits, labels = self._prediction_step(model, batch)
+        except _PASS_THROUGH: raise
+        except Exception as e: raise batch_error(e, "preflight, the first eval_dataset batch", batch, later=False) from e
         names = dict.fromkeys(self.streaming.metrics)
-        if self.compute_metrics is not None:
+        if self.compute_metrics is not None and self.args.metric_for_best_model:
             acc = Accumulator(); acc.add(logits, labels)
-            out = self.compute_metrics(EvalPrediction(*acc.result()))
-            if not isinstance(out, dict):
-                raise TypeError(f"compute_metrics must return a dict of name -> value, got {type(out).__name__}.")
-            names.update(dict.fromkeys(out))
+            try: names.update(dict.fromkeys(compute_metric_values(self.compute_metrics, EvalPrediction(*acc.result()), "eval")))
+            except MetricError as e: e.args = (f"preflight, on the first eval_dataset batch: {e}",); raise
         return names
 
     def _prediction_step(self, model, batch: dict):
@@ -391,6 +501,9 @@ class Trainer:
         model = self.model_wrapped = self._wrap_model()
         optimizer, scaler = self.optimizer, acc.scaler
         params = [p for p in model.parameters() if p.requires_grad]
+        self._watch = watch = ScalerWatch(scaler, acc.device) if scaler is not None else None
+        # fp16: a single non-finite loss is an overflow the scaler skips, so the check waits for the log step
+        nan_each_step = a.nan_check == "step" and watch is None
 
         self.state = TrainerState(max_steps=max_steps, num_train_epochs=num_epochs, steps_per_epoch=steps_per_epoch,
                                   logging_steps=a.logging_steps, eval_steps=a.eval_steps, save_steps=a.save_steps,
@@ -408,10 +521,15 @@ class Trainer:
             loop = read_loop_state(folder)
             self.state.is_local_process_zero, self.state.is_world_process_zero = acc.is_local_main_process, acc.is_main_process
             start_epoch, skip_steps = divmod(self.state.global_step, steps_per_epoch)
+        self._good_checkpoint = folder if resume_from_checkpoint else None  # weights to go back to if the loss turns NaN
         self.control = TrainerControl()
         eval_dl = acc.prepare(eval_dl) if eval_dl is not None else None
         self._eval_dl = eval_dl
-        self._fire("on_train_begin", train_dataloader=train_dl, eval_dataloader=eval_dl)
+        try: self._fire("on_train_begin", train_dataloader=train_dl, eval_dataloader=eval_dl)
+        except BaseException as e:  # a callback refused to start: those that did start (the dashboard's clock) end
+            self._eval_dl = None
+            self._fire("on_train_end", outcome="failed", error=e)
+            raise
 
         start_time, start_step = time.perf_counter(), self.state.global_step
         tr_loss = torch.zeros((), device=acc.device)  # running sum since the last log, kept on device
@@ -420,7 +538,7 @@ class Trainer:
         self._tr_loss = tr_loss
         distributed = acc.num_processes > 1
         autocast = acc.autocast if acc.mixed_precision != "no" else contextlib.nullcontext
-        interrupt = InterruptFlag()
+        interrupt, batches = InterruptFlag(), None
         model.train()
         try:
             with interrupt.active():
@@ -435,22 +553,39 @@ class Trainer:
                     for update in range(skip_steps if epoch == start_epoch else 0, steps_per_epoch):
                         n = min(ga, remaining); remaining -= n
                         if n <= 0: break
-                        window = [next(batches) for _ in range(n)]
+                        window = []
+                        try:
+                            for _ in range(n): window.append(next(batches))
+                        except Exception as e:
+                            first = skip_steps * ga if epoch == start_epoch else 0  # a resumed epoch's loader starts there
+                            index = first + loader_position(e, update * ga + len(window) - first)
+                            raise batch_error(e, f"step {epoch * steps_per_epoch + index // ga + 1} (batch {index} of epoch "
+                                                 f"{epoch}, train_dataset); training stopped at step {self.state.global_step}") from e
                         counts = _item_counts(window, self.label_names) if n > 1 else None
                         total = sum(counts) if counts else None  # items in the whole window: each micro-batch weighs its share
                         self._fire("on_step_begin")
                         for i, batch in enumerate(window):
                             sync = contextlib.nullcontext() if not distributed or i == n - 1 else acc.no_sync(model)
                             with sync, autocast():
-                                loss = self.compute_loss(model, batch)
-                                if n > 1: loss = loss * (counts[i] / total) if counts else loss / n
-                                self._backward(loss)
-                            tr_loss += loss.detach()
+                                try:
+                                    loss = self.compute_loss(model, batch)
+                                    if n > 1: loss = loss * (counts[i] / total) if counts else loss / n
+                                    self._backward(loss)
+                                except _PASS_THROUGH: raise
+                                except Exception as e:
+                                    raise batch_error(e, f"step {self.state.global_step + 1} (batch {update * ga + i} of epoch "
+                                                         f"{epoch}, train_dataset); the model keeps the weights of step "
+                                                         f"{self.state.global_step}", batch) from e
+                            if watch is None: tr_loss += loss.detach()
+                            else: watch.add_loss(tr_loss, loss.detach())
                             if i < n - 1: self._fire("on_substep_end")
+                        if nan_each_step and not math.isfinite(tr_loss.item()):  # a sync per step, asked for
+                            optimizer.zero_grad(set_to_none=True)
+                            raise self._non_finite(self.state.global_step + 1, self.state.global_step + 1, tr_loss.item(), taken=False)
                         if scaler is not None: scaler.unscale_(optimizer)
                         grad_norm = torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm) if a.max_grad_norm > 0 else None
                         self._fire("on_pre_optimizer_step")
-                        if scaler is not None: scaler.step(optimizer); scaler.update()
+                        if watch is not None: watch.step(optimizer)
                         else: optimizer.step()
                         self._fire("on_optimizer_step")
                         self.lr_scheduler.step()
@@ -467,16 +602,25 @@ class Trainer:
                     tr_loss = self._maybe_log_save_evaluate(tr_loss, None)
                     if self.control.should_training_stop or interrupt.requested: break
         except BaseException as e:  # a failure: the progress shows where it stopped, then the error propagates
+            stop_loader_workers(batches, e)
+            self._eval_dl = None
             self._fire("on_train_end", outcome="failed", error=e)
             raise
+        stop_loader_workers(batches)
         if interrupt.requested: self._tr_loss = tr_loss; self._stop_interrupted()
 
-        self._total_loss += tr_loss.item()
+        rest = tr_loss.item()  # the loss since the last log (all of it with logging_strategy="no")
+        if a.nan_check != "off" and not math.isfinite(rest):
+            err = self._non_finite(self._logged_steps + 1, self.state.global_step, rest)
+            self._fire("on_train_end", outcome="failed", error=err)
+            raise err
+        self._total_loss += rest
         runtime = time.perf_counter() - start_time
         steps_done = max(1, self.state.global_step - start_step)
         train_loss = self._total_loss / max(1, self.state.global_step if loop else steps_done)  # a resumed run: over all steps
         metrics = {"train_runtime": round(runtime, 4), "train_samples_per_second": round(steps_done * self.state.train_batch_size / runtime, 3),
                    "train_steps_per_second": round(steps_done / runtime, 3), "train_loss": train_loss}
+        if watch is not None: metrics["train_skipped_steps"] = watch.read()[2]
         if a.load_best_model_at_end and self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint).is_dir():
             load_weights(self.model, self.state.best_model_checkpoint)
         self._log(metrics)
@@ -488,8 +632,11 @@ class Trainer:
         "After an interrupt at a step boundary: save, tell the callbacks, and raise `TrainingInterrupted`."
         st, a = self.state, self.args
         if a.output_dir and st.global_step > self._saved_step:
-            self._saved_step = st.global_step
-            self._fire("on_save")
+            try: self._save(self._tr_loss)
+            except BaseException as e:  # non-finite weights, or a write that failed: a failure, not an interruption
+                self._fire("on_train_end", outcome="failed", error=e)
+                self._eval_dl = None
+                raise
         saved = self.last_checkpoint is not None and self.last_checkpoint.name == f"checkpoint-{st.global_step}"
         self._interrupted_at = self.last_checkpoint if saved else None
         self._fire("on_train_end", outcome="interrupted")
@@ -508,23 +655,89 @@ class Trainer:
         "Act on the flags callbacks set: the only place the loop reads values from the device."
         c = self.control
         if c.should_log and self.state.global_step > self._logged_steps:
-            total = self.accelerator.reduce(tr_loss, "mean").item() if self.accelerator.num_processes > 1 else tr_loss.item()
+            total, skipped = self._read_loss(tr_loss)
             steps = self.state.global_step - self._logged_steps
             self._total_loss += total
             logs = {"loss": round(total / steps, 6)}
             if grad_norm is not None: logs["grad_norm"] = float(grad_norm)
             logs["learning_rate"] = self.lr_scheduler.get_last_lr()[0]
+            if skipped is not None: logs["skipped_steps"] = skipped
             self._logged_steps = self.state.global_step
             tr_loss = torch.zeros_like(tr_loss)
             self._log(logs)
-        if c.should_evaluate: self.evaluate()
+        if c.should_evaluate:
+            try: self.evaluate()
+            except MetricError: self._tr_loss = tr_loss; self._stop_for_metrics()
         pending = c.should_save and defer_save
         if c.should_save and not defer_save and self.state.global_step != self._saved_step:  # the last step is often also an epoch end
-            self._saved_step, self._tr_loss = self.state.global_step, tr_loss
-            self._fire("on_save")
+            self._save(tr_loss)
         c._new_step()
         c.should_save = pending
         return tr_loss
+
+    def _read_loss(self, tr_loss: torch.Tensor) -> tuple[float, int | None]:
+        "The loss summed since the last log, and (fp16) the steps skipped so far; a non-finite loss stops the run."
+        acc, w, check = self.accelerator, self._watch, self.args.nan_check != "off"
+        total = acc.reduce(tr_loss, "mean").item() if acc.num_processes > 1 else tr_loss.item()
+        first, last = self._logged_steps + 1, self.state.global_step
+        if w is None:
+            if check and not math.isfinite(total): raise self._non_finite(first, last, total)
+            return total, None
+        bad, seen, skipped = w.read()
+        if bad and bad == seen:  # not one finite loss since the last log: more than overflows
+            if check: raise self._non_finite(first, last, float("nan"))
+            return float("nan"), skipped
+        return (total * seen / (seen - bad) if bad else total), skipped  # the mean of the finite losses, per step
+
+    def _non_finite(self, first: int, last: int, value: float, taken: bool = True) -> NonFiniteLossError:
+        "The error for a non-finite loss in steps `first..last`, after putting the model back to finite weights if it can."
+        a, st = self.args, self.state
+        where = f"at step {last}" if first == last else f"in steps {first}-{last}"
+        how = ("it is checked at every step (nan_check='step')" if a.nan_check == "step" and self._watch is None else
+               "the loss is checked at log steps; nan_check='step' finds the exact step")
+        if not taken: kept = f"The step was not taken: the model keeps its finite weights of step {st.global_step}."
+        elif weights_finite(self.model): kept = f"The model's weights are still finite (those of step {st.global_step})."
+        elif self._good_checkpoint is not None and Path(self._good_checkpoint).is_dir():
+            load_weights(self.model, self._good_checkpoint)
+            kept = (f"The model's weights were not finite; they are now those of {self._good_checkpoint}, the last checkpoint, "
+                    "saved with finite weights and kept.")
+        else: kept = ("The model's weights are not finite, and no checkpoint was saved to go back to (output_dir and "
+                      "save_steps keep one).")
+        fp16 = " Under fp16 every step since the last log had a non-finite loss: more than the overflows the grad scaler skips." if self._watch else ""
+        return NonFiniteLossError(
+            f"The training loss is {value} {where} ({how}); training stopped at step {st.global_step}.{fp16} {kept} "
+            "Lower the learning_rate, keep gradient clipping on (max_grad_norm), look for extreme values in the data, or "
+            "use bf16 rather than fp16; trainer.train(resume_from_checkpoint=...) continues from a checkpoint.")
+
+    def _save(self, tr_loss: torch.Tensor):
+        "Save this step's checkpoint; never one of non-finite weights, and a failed write says what is kept."
+        st = self.state
+        if self.args.nan_check != "off":
+            loss = tr_loss.item()
+            if not math.isfinite(loss) or not weights_finite(self.model):
+                raise self._non_finite(self._logged_steps + 1, st.global_step, loss)
+        self._saved_step, self._tr_loss = st.global_step, tr_loss
+        try: self._fire("on_save")
+        except CheckpointWriteError as e:
+            e.strerror = (f"{e.strerror} Training stopped at step {st.global_step}; the model, optimizer and state in memory are "
+                          "intact: trainer.save_model('another/folder') saves the weights, and trainer.train("
+                          "resume_from_checkpoint=True) continues from the last complete checkpoint.")
+            raise
+        if self.last_checkpoint is not None and self.last_checkpoint.name == f"checkpoint-{st.global_step}":
+            self._good_checkpoint = self.last_checkpoint
+
+    def _stop_for_metrics(self):
+        "A metric failed during training: keep the progress in a checkpoint (when saving), so `train()` can continue."
+        st, e = self.state, sys.exc_info()[1]
+        if self.args.output_dir and st.global_step != self._saved_step: self._save(self._tr_loss)
+        saved = self.last_checkpoint is not None and self.last_checkpoint.name == f"checkpoint-{st.global_step}"
+        if saved:
+            self._interrupted_at = self.last_checkpoint
+            kept = (f"Its state is saved in {self.last_checkpoint}: fix the metric (e.g. trainer.compute_metrics = ...), then "
+                    f"trainer.evaluate() evaluates step {st.global_step} and trainer.train() continues from there.")
+        else: kept = f"The model in memory holds the weights of step {st.global_step}; trainer.evaluate() runs the metrics again."
+        e.args = (f"{e.args[0]} Training stopped at step {st.global_step}. {kept}",)
+        raise e
 
     def _log(self, logs: dict):
         logs = {**logs, "epoch": round(self.state.epoch, 4), "step": self.state.global_step}
@@ -543,10 +756,19 @@ class Trainer:
         kept = Accumulator() if keep else None
         loss_sum, n_seen, n_loss = torch.zeros((), device=acc.device), 0, 0
         start = time.perf_counter()
+        name = {"eval": "eval_dataset", "test": "test_dataset"}.get(prefix, f"{prefix} dataset")
+        where = f"evaluation at step {self.state.global_step}" if prefix == "eval" else f"{prefix} prediction"
+        batches, index = iter(dataloader), 0  # prepared by Accelerate: batches are already on the device
         try:
             with torch.no_grad():
-                for batch in dataloader:  # prepared by Accelerate: already on the device
-                    loss, logits, labels = self._prediction_step(model, batch)
+                while True:
+                    try: batch = next(batches)
+                    except StopIteration: break
+                    except Exception as e: raise batch_error(e, f"{where} (batch {loader_position(e, index)} of {name})") from e
+                    try: loss, logits, labels = self._prediction_step(model, batch)
+                    except _PASS_THROUGH: raise
+                    except Exception as e: raise batch_error(e, f"{where} (batch {index} of {name})", batch) from e
+                    index += 1
                     bs = len(next(iter(batch.values())))
                     if loss is not None: loss_sum += loss.detach().float() * bs; n_loss += bs
                     n_seen += bs
@@ -555,14 +777,17 @@ class Trainer:
                     if kept is not None and logits is not None:
                         kept.add(*(acc.gather_for_metrics((logits, labels)) if acc.num_processes > 1 else (logits, labels)))
                     self._fire("on_prediction_step", eval_dataloader=dataloader)
+            metrics = {}
+            if n_loss: metrics[f"{prefix}_loss"] = (acc.reduce(loss_sum, "sum").item() / (n_loss * acc.num_processes))
+            metrics.update(self.streaming.compute(prefix))
+            preds, label_ids = kept.result() if kept is not None else (None, None)
+            if self.compute_metrics is not None and preds is not None:
+                metrics.update(compute_metric_values(self.compute_metrics, EvalPrediction(preds, label_ids), prefix))
+        except MetricError as e:
+            e.args = (f"{where}: {e}",)
+            stop_loader_workers(batches, e); raise
+        except BaseException as e: stop_loader_workers(batches, e); raise
         finally: model.train(was_training)
-        metrics = {}
-        if n_loss: metrics[f"{prefix}_loss"] = (acc.reduce(loss_sum, "sum").item() / (n_loss * acc.num_processes))
-        metrics.update(self.streaming.compute(prefix))
-        preds, label_ids = kept.result() if kept is not None else (None, None)
-        if self.compute_metrics is not None and preds is not None:
-            for k, v in self.compute_metrics(EvalPrediction(preds, label_ids)).items():
-                metrics.update(_scalars(k if k.startswith(f"{prefix}_") else f"{prefix}_{k}", v))  # numpy -> JSON-able floats
         runtime = time.perf_counter() - start
         metrics.update({f"{prefix}_runtime": round(runtime, 4), f"{prefix}_samples_per_second": round(n_seen / runtime, 3)})
         return PredictionOutput(preds, label_ids, metrics)
@@ -588,10 +813,15 @@ class Trainer:
         "Save the model (and tokenizer) so that `from_pretrained(output_dir)` loads it."
         output_dir = Path(output_dir or self.args.output_dir)
         if not self.accelerator.is_main_process: return
-        save_weights(self.model, output_dir)
-        if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
-            self.processing_class.save_pretrained(output_dir)
-        (output_dir / "training_args.json").write_text(self.args.to_json_string())
+        try:
+            save_weights(self.model, output_dir)
+            if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
+                self.processing_class.save_pretrained(output_dir)
+            (output_dir / "training_args.json").write_text(self.args.to_json_string())
+        except Exception as e:
+            if (refused := os_error(e)) is None: raise
+            raise CheckpointWriteError(refused.errno, f"could not save the model in {output_dir}: {refused.strerror}. Free space "
+                                       "(or fix the permissions) there, or pass another folder to save_model.") from e
 
     def load_checkpoint(self, path) -> nn.Module:
         "Load a checkpoint's weights into this trainer's model."

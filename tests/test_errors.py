@@ -102,3 +102,35 @@ def test_metric_for_best_model_that_is_computed_trains(tiny, make_args):
     trainer.train()
     assert trainer.state.global_step == 2
     assert any("eval_accuracy" in h for h in trainer.state.log_history)
+
+
+def test_no_trainable_parameters(tiny, make_args):
+    model = tiny.bert()
+    for p in model.parameters(): p.requires_grad_(False)
+    trainer = Trainer(model, make_args(), train_dataset=tiny.dataset(16))
+    assert_refused_at_train(tiny, trainer, r"no trainable parameters.*requires_grad_\(True\)")
+
+
+def test_nan_in_the_first_batch(tiny, make_args):
+    from nbtrain.trainer import NonFiniteLossError
+    trainer = Trainer(tiny.bert(), make_args(), train_dataset=[{"inputs_embeds": [[float("nan")] * 16] * tiny.SEQ_LEN, "labels": 0}] * 16)
+    assert_refused_at_train(tiny, trainer, r"first train_dataset batch gives a loss of nan before any training step", NonFiniteLossError)
+
+
+def test_eval_label_out_of_range_found_before_training(tiny, make_args):
+    cols = tiny.columns(8, seed=1)
+    cols["label"] = [5] * 8  # the model has 2 classes
+    trainer = Trainer(tiny.bert(), make_args(eval_strategy="epoch"), train_dataset=tiny.dataset(16),
+                      eval_dataset=Dataset.from_dict(cols))
+    assert_refused_at_train(tiny, trainer, r"preflight, the first eval_dataset batch: the model failed on it with IndexError.*"
+                                           r"labels \(8,\) int64 in \[5, 5\]")
+
+
+def test_training_argument_values_torch_would_reject(tmp_path):
+    for kw, match in [({"seed": -1}, r"seed=-1: must be an integer from 0 to 2\*\*32 - 1"),
+                      ({"dataloader_num_workers": -1}, r"dataloader_num_workers=-1: must be 0"),
+                      ({"adam_beta1": 1.5}, r"adam_beta1=1.5: must be in \[0, 1\)"),
+                      ({"learning_rate": float("inf")}, r"learning_rate=inf: must be a finite positive number"),
+                      ({"nan_check": "always"}, r"nan_check='always' is not one of 'log', 'step', 'off'")]:
+        with pytest.raises(ValueError, match=match):
+            TrainingArguments(output_dir=str(tmp_path), **kw)
