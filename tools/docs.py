@@ -8,7 +8,8 @@ page. Every notebook under nbs/ is a page (recursively; folders and files starti
 ignores, such as training output folders, are skipped), index.ipynb first, the others by path. On each page:
 nbdev `#|` directive lines are not shown, `#| hide` and `#| include: false` cells are dropped, `#| echo: false`
 shows only the output and `#| output: false` only the code; the title is the notebook's first `# ` heading; a
-sidebar lists every page. Pages are named as on nbdev's Quarto site (`02_events.ipynb` -> `events.html`, the
+sidebar lists every page; after each exported cell come the signature and docstring of every
+public function and class it defines (nbdev's `show_doc`, as `nbdev_docs` adds them). Pages are named as on nbdev's Quarto site (`02_events.ipynb` -> `events.html`, the
 name nbtrain/_modidx.py links to), and links to `X.ipynb` point to X's page. Live widget outputs are dropped:
 without a kernel they would only say "Loading widget..." (the dashboard leaves a static HTML + SVG snapshot, which
 is shown).
@@ -39,6 +40,7 @@ from readme import code, directives  # tools/readme.py: nbdev's `#|` directive l
 ROOT = Path(__file__).resolve().parent.parent
 NBS = ROOT / "nbs"
 DEFAULT_OUT = ROOT / "_site"
+LIB = "nbtrain"
 MARKER = ".nbtrain-docs"  # written into the output folder: only a folder holding it is ever emptied
 ASSETS = {".png", ".jpg", ".jpeg", ".gif", ".svg", ".webp"}
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
@@ -143,6 +145,37 @@ def title(nb, fallback: str) -> str:
     return fallback
 
 
+DEFAULT_EXP = re.compile(r"^#\|\s*default_exp\s+(\S+)", re.M)
+EXPORT = re.compile(r"^#\|\s*export\s*$", re.M)
+
+
+def api_doc(obj) -> str:
+    "nbdev's `show_doc` of `obj` as Markdown, without the link to the source on GitHub (this site is local)."
+    from nbdev.showdoc import BasicMarkdownRenderer, show_doc
+    md = show_doc(obj, renderer=BasicMarkdownRenderer)._repr_markdown_()
+    return md[md.index("###"):] if "###" in md else md
+
+
+def with_api_docs(nb):
+    "After each exported cell, the documentation of every public function and class it defines, as `nbdev_docs` adds it."
+    import ast
+    import importlib
+    exp = next((m.group(1) for c in nb.cells if c.cell_type == "code" for m in [DEFAULT_EXP.search(c.source)] if m), None)
+    if exp is None: return nb
+    module = importlib.import_module(f"{LIB}.{exp}")
+    cells = []
+    for cell in nb.cells:
+        cells.append(cell)
+        if cell.cell_type != "code" or not EXPORT.search(cell.source): continue
+        try: tree = ast.parse(code(cell.source))
+        except SyntaxError: continue
+        names = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                 and not n.name.startswith("_") and n.name in getattr(module, "__all__", ())]
+        if names: cells.append(nbformat.v4.new_markdown_cell("\n\n".join(api_doc(getattr(module, n)) for n in names)))
+    nb.cells = cells
+    return nb
+
+
 def prepare(nb):
     "The notebook as a page shows it: hidden cells gone, directive lines stripped, live widget outputs dropped."
     nb.metadata.pop("widgets", None)  # saved widget state would need the widget renderer from a CDN
@@ -229,7 +262,7 @@ def build(out: Path = DEFAULT_OUT, site_title: str = "nbtrain") -> list[Path]:
     (out / "style.css").write_text(stylesheet(ex), encoding="utf-8")
     written = []
     for rel, nb, (page, page_title) in zip(rels, loaded, pages):
-        nb = prepare(nb)
+        nb = prepare(with_api_docs(nb))
         nb.metadata["title"] = page_title if page_title == site_title else f"{page_title} – {site_title}"
         root = "../" * (len(page.parts) - 1)
         body, _ = ex.from_notebook_node(nb, resources={"docs": {"root": root, "sidebar": sidebar(pages, page, site_title)},
