@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader, Sampler
 
 # %% auto #0
 __all__ = ['LABEL_ALIASES', 'DataError', 'forward_arguments', 'default_label_names', 'column_names', 'ColumnPlan',
-           'collate_tensors', 'Collator', 'default_collator', 'require_examples', 'preflight_batch', 'EpochSampler',
-           'example_lengths', 'make_dataloader']
+           'collate_tensors', 'Collator', 'PaddingCollator', 'default_collator', 'require_examples', 'preflight_batch',
+           'EpochSampler', 'example_lengths', 'make_dataloader']
 
 # %% ../nbs/01_data.ipynb #53c8b21f
 class DataError(ValueError):
@@ -96,11 +96,24 @@ class Collator:
     def __call__(self, examples: list[dict]) -> dict:
         return self.collate_fn([self.plan(e) for e in examples])
 
+def _per_token(labels, input_ids) -> bool:
+    return hasattr(labels, "__len__") and not isinstance(labels, str) and getattr(labels, "ndim", 1) > 0 \
+        and len(labels) == len(input_ids)
+
+class PaddingCollator:
+    "Dynamic padding with a tokenizer; per-token `labels` (one per input id) are padded with `-100`."
+    def __init__(self, tokenizer):
+        from transformers.data.data_collator import DataCollatorForTokenClassification, DataCollatorWithPadding
+        self.tokenizer = tokenizer
+        self.pad_inputs = DataCollatorWithPadding(tokenizer)
+        self.pad_tokens = DataCollatorForTokenClassification(tokenizer)  # labels follow the tokenizer's padding side
+    def __call__(self, features: list[dict]) -> dict:
+        per_token = all("labels" in f and "input_ids" in f and _per_token(f["labels"], f["input_ids"]) for f in features)
+        return (self.pad_tokens if per_token else self.pad_inputs)(features)
+
 def default_collator(processing_class=None) -> Callable:
-    "Dynamic padding when a tokenizer is given, plain stacking otherwise."
-    if processing_class is not None and hasattr(processing_class, "pad"):
-        from transformers.data.data_collator import DataCollatorWithPadding
-        return DataCollatorWithPadding(processing_class)
+    "Dynamic padding when a tokenizer is given (per-token labels padded with -100), plain stacking otherwise."
+    if processing_class is not None and hasattr(processing_class, "pad"): return PaddingCollator(processing_class)
     return collate_tensors
 
 # %% ../nbs/01_data.ipynb #1dc07c71

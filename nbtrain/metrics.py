@@ -74,13 +74,14 @@ class StreamingMetrics:
         "Feed one batch to every metric; across processes, `gather` collects it for metrics that do not sync themselves."
         if not self.metrics: return
         if isinstance(logits, (tuple, list)) and len(logits) == 1: logits = logits[0]
-        preds, target = self.prepare(logits, labels)
-        gathered = None
+        lined_up, gathered = {}, {}
         for m in self.metrics.values():
-            if gather is None or hasattr(m, "sync_on_compute"): m.update(preds, target)  # torchmetrics syncs in compute()
+            whole = bool(getattr(m, "needs_sequences", False))  # an entity metric: rows as they are, -100 included
+            if whole not in lined_up: lined_up[whole] = (logits, labels) if whole else self.prepare(logits, labels)
+            if gather is None or hasattr(m, "sync_on_compute"): m.update(*lined_up[whole])  # torchmetrics syncs in compute()
             else:
-                if gathered is None: gathered = gather((preds, target))
-                m.update(*gathered)
+                if whole not in gathered: gathered[whole] = gather(lined_up[whole])
+                m.update(*gathered[whole])
 
     def compute(self, prefix: str = "eval") -> dict[str, float]:
         "Every metric's value, named `<prefix>_<name>`."

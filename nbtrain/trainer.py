@@ -299,6 +299,11 @@ class Trainer:
         "Metric names from one evaluation batch (streaming metrics and `compute_metrics`)."
         _, logits, labels = self._prediction_step(model, send_to_device(next(iter(eval_dl)), self.accelerator.device))
         names = dict.fromkeys(self.streaming.metrics)
+        if self.streaming.metrics and logits is not None and labels is not None:  # a metric giving a dict logs several names
+            self.streaming.to(self.accelerator.device).reset()
+            self.streaming.update(logits, labels)
+            names.update(dict.fromkeys(k.removeprefix("eval_") for k in self.streaming.compute()))
+            self.streaming.reset()
         if self.compute_metrics is not None:
             acc = Accumulator(); acc.add(logits, labels)
             out = self.compute_metrics(EvalPrediction(*acc.result()))
