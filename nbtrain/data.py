@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader, Sampler
 
 # %% auto #0
 __all__ = ['LABEL_ALIASES', 'PER_TOKEN', 'DataError', 'forward_arguments', 'default_label_names', 'column_names', 'ColumnPlan',
-           'collate_tensors', 'Collator', 'default_collator', 'trim_padding', 'require_examples', 'check_examples',
-           'preflight_batch', 'EpochSampler', 'example_lengths', 'make_dataloader']
+           'collate_tensors', 'Collator', 'PaddingCollator', 'default_collator', 'trim_padding', 'require_examples',
+           'check_examples', 'preflight_batch', 'EpochSampler', 'example_lengths', 'make_dataloader']
 
 # %% ../nbs/01_data.ipynb #53c8b21f
 class DataError(ValueError):
@@ -118,14 +118,28 @@ class Collator:
                             f"Columns given to the collator: {', '.join(examples[0]) if examples else 'none'}.") from e
         return trim_padding(batch) if self.trim else batch
 
+def _per_token(labels, input_ids) -> bool:
+    return hasattr(labels, "__len__") and not isinstance(labels, str) and getattr(labels, "ndim", 1) > 0 \
+        and len(labels) == len(input_ids)
+
+class PaddingCollator:
+    "Dynamic padding with a tokenizer; per-token `labels` (one per input id) are padded with `-100`."
+    def __init__(self, tokenizer):
+        from transformers.data.data_collator import DataCollatorForTokenClassification, DataCollatorWithPadding
+        self.tokenizer = tokenizer
+        self.pad_inputs = DataCollatorWithPadding(tokenizer)
+        self.pad_tokens = DataCollatorForTokenClassification(tokenizer)  # labels follow the tokenizer's padding side
+    def __call__(self, features: list[dict]) -> dict:
+        per_token = all("labels" in f and "input_ids" in f and _per_token(f["labels"], f["input_ids"]) for f in features)
+        return (self.pad_tokens if per_token else self.pad_inputs)(features)
+
 def default_collator(processing_class=None, model: torch.nn.Module | None = None) -> Callable:
-    "Dynamic padding when a tokenizer is given (labels too, for encoder-decoder models), plain stacking otherwise."
+    "Dynamic padding when a tokenizer is given (labels too: per token, or for encoder-decoder models), plain stacking otherwise."
     if processing_class is not None and hasattr(processing_class, "pad"):
         if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
             from transformers.data.data_collator import DataCollatorForSeq2Seq
             return DataCollatorForSeq2Seq(processing_class, model=model)  # labels padded with -100, decoder inputs from them
-        from transformers.data.data_collator import DataCollatorWithPadding
-        return DataCollatorWithPadding(processing_class)
+        return PaddingCollator(processing_class)
     return collate_tensors
 
 # %% ../nbs/01_data.ipynb #ae0bad49

@@ -415,6 +415,11 @@ class Trainer:
         except _PASS_THROUGH: raise
         except Exception as e: raise batch_error(e, "preflight, the first eval_dataset batch", batch, later=False) from e
         names = dict.fromkeys(self.streaming.metrics)
+        if self.streaming.metrics and logits is not None and labels is not None:  # a metric giving a dict logs several names
+            self.streaming.to(self.accelerator.device).reset()
+            self.streaming.update(logits, labels)
+            names.update(dict.fromkeys(k.removeprefix("eval_") for k in self.streaming.compute()))
+            self.streaming.reset()
         if self.compute_metrics is not None and self.args.metric_for_best_model:
             acc = Accumulator(); acc.add(logits, labels)
             try: names.update(dict.fromkeys(compute_metric_values(self.compute_metrics, EvalPrediction(*acc.result()), "eval")))
