@@ -242,7 +242,7 @@ def bench_compile(quick: bool) -> list[dict]:
         out[compiled] = dict(step=clock.result()["wall"], first=marks["first"] - marks["begin"])
         log(f"  compile={compiled}: {out[compiled]['step'] * 1e3:.2f} ms/step, first step {out[compiled]['first']:.2f} s")
     eager, comp = out[False], out[True]
-    return [dict(bench="torch_compile", measure="nbtrain small BERT, steady state (steps/s): eager | compiled", unit="steps/s",
+    return [dict(bench="torch_compile", measure="nbtrain small BERT, steady state steps/s: eager, compiled", unit="steps/s",
                  raw=None, hf=None, nbtrain=None, eager=1 / eager["step"], compiled=1 / comp["step"],
                  target="works on CPU; effect shown", met=True),
             dict(bench="torch_compile", measure="compile time (first compiled step − first eager step, s)", unit="s", raw=None,
@@ -275,7 +275,7 @@ def table(rows: list[dict]) -> str:
     lines = ["| benchmark | measure | raw loop | transformers.Trainer | nbtrain | nbtrain vs | target | met |",
              "|---|---|---:|---:|---:|---|---|---|"]
     for r in rows:
-        nb = f"{fmt(r['eager'])} \\| {fmt(r['compiled'])}" if "eager" in r else fmt(r.get("nbtrain"))
+        nb = f"{fmt(r['eager'])}, {fmt(r['compiled'])}" if "eager" in r else fmt(r.get("nbtrain"))
         lines.append(f"| {r['bench']} | {r['measure']} | {fmt(r.get('raw'))} | {fmt(r.get('hf'))} | {nb} | {ratios(r)} "
                      f"| {r.get('target', '')} | {fmt(r['met']) if r.get('met') is not None else ''} |")
     return "\n".join(lines)
