@@ -314,19 +314,28 @@ def test_compute_metrics_raising_on_the_second_evaluation(tmp_path):
 
 
 class Flaky:
-    "A streaming metric (torchmetrics' interface) whose update raises on its 5th call."
-    def __init__(self): self.calls, self.n = 0, 0
+    "A streaming metric (torchmetrics' interface) whose update raises once, at its first call after `armed` is set."
+    def __init__(self): self.armed, self.n = False, 0
     def update(self, preds, target):
-        self.calls += 1
-        if self.calls == 5: raise ValueError("target has an unexpected class")
+        if self.armed: self.armed = False; raise ValueError("target has an unexpected class")
         self.n += len(target)
     def compute(self): return torch.tensor(float(self.n))
     def reset(self): self.n = 0
 
 
+class ArmAfterFirstEvaluation(TrainerCallback):
+    "Arms the metric when the first evaluation is done: the second one fails."
+    def __init__(self, metric): self.metric, self.seen = metric, 0
+    def on_evaluate(self, args, state, control, **kwargs):
+        self.seen += 1
+        if self.seen == 1: self.metric.armed = True
+
+
 def test_a_streaming_metric_that_raises():
     a = args(max_steps=8, eval_strategy="steps", eval_steps=4, per_device_eval_batch_size=4)
-    t = trainer(TinyNet(), a, eval_dataset=make_data(16, seed=2), metrics={"flaky": Flaky()})
+    flaky = Flaky()
+    t = trainer(TinyNet(), a, eval_dataset=make_data(16, seed=2), metrics={"flaky": flaky},
+                callbacks=[ArmAfterFirstEvaluation(flaky)])
     with pytest.raises(MetricError, match=r"evaluation at step 8: metrics\['flaky'\] \(Flaky\)\.update\(\) raised ValueError: "
                                           r"target has an unexpected class \(given predictions \(4, 2\) float32.*The model "
                                           r"in memory holds the weights of step 8"):
