@@ -96,4 +96,5 @@ def main(output_dir: str = "quickstart_output") -> dict:
 
 # %% ../nbs/index.ipynb #0c18d73c
 #| eval: false
-if __name__ == "__main__": main(*sys.argv[1:2])
+if __name__ == "__main__" and "ipykernel" not in sys.modules:  # a script, not a notebook (where __name__ is "__main__" too)
+    main(*sys.argv[1:2])
