@@ -141,6 +141,10 @@ def main():
         share = min(in_log[name]) / best["wall"][name]
         print(f"{name}: steps/s {ratio:.4f} of report_to='none' without the file (wall clock, {'within' if ratio >= 0.99 else 'NOT within'} "
               f"1%); its logging callbacks take {share * 100:.3f}% of a step ({'within' if share <= 0.01 else 'NOT within'} 1%)")
+    if TB in variants:  # the comparison: a tracker against the default report_to="none" (which keeps log.jsonl)
+        ratio = best["wall"][FILE] / best["wall"][TB]
+        print(f"{TB}: steps/s {ratio:.4f} of the default report_to='none' with log.jsonl "
+              f"({'within' if ratio >= 0.99 else 'NOT within'} 1%)")
 
 
 if __name__ == "__main__":
