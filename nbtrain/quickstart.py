@@ -38,14 +38,18 @@ def make_pairs(n: int, seed: int = 0) -> dict[str, list]:
 
 # %% ../nbs/index.ipynb #d60d1d4c
 def train_tokenizer(texts: list[str], vocab_size: int = 200):
-    "A BERT-style WordPiece tokenizer trained on `texts`, as a transformers fast tokenizer."
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    "A BERT-style WordPiece tokenizer whose vocabulary is `texts`' words, most frequent first, as a transformers fast tokenizer."
+    from collections import Counter
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    # counted, not learned by tokenizers' WordPiece trainer, whose vocabulary differs from run to run: the same
+    # texts give the same tokenizer, so the quick start trains to the same result every time
+    counts = Counter(w for t in texts for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(t)))
+    words = sorted(counts, key=lambda w: (-counts[w], w))[:vocab_size - len(specials)]
+    tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(specials + words)}, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer = normalizer, pre_tokenizer
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
                                                        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
