@@ -84,7 +84,7 @@ def main(output_dir: str = "quickstart_output") -> dict:
     train_ds, eval_ds, tokenizer = make_datasets()
     model = make_model(len(tokenizer))
     args = TrainingArguments(output_dir=output_dir, eval_strategy="epoch", save_strategy="epoch", num_train_epochs=2,
-                             per_device_train_batch_size=8, learning_rate=5e-4, warmup_ratio=0.1, logging_steps=500, seed=42)
+                             per_device_train_batch_size=8, learning_rate=1e-3, warmup_ratio=0.1, logging_steps=500, seed=42)
     accuracy = lambda p: {"accuracy": float((np.argmax(p.predictions, axis=-1) == p.label_ids).mean())}
     trainer = Trainer(model, args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
                       compute_metrics=accuracy)
