@@ -147,8 +147,6 @@ def bar_html(label: str, value: float, total: float, note: str = "") -> str:
             f'<span style="width:3.5em">{label}</span><progress value="{frac:.4f}" max="1" style="width:18em"></progress>'
             f'<span>{html.escape(note)}</span></div>')
 
-_TABLE_SKIP = ("_runtime", "_per_second")
-
 def table_rows(log_history: list[dict]) -> list[dict]:
     "One row per evaluation: step, epoch, the latest train loss, and every eval value."
     rows, train_loss = [], None
@@ -156,7 +154,7 @@ def table_rows(log_history: list[dict]) -> list[dict]:
         if "loss" in h: train_loss = h["loss"]
         if any(k.startswith("eval_") for k in h):
             row = {"step": h.get("step"), "epoch": h.get("epoch"), "train_loss": train_loss}
-            row.update({k: v for k, v in h.items() if k.startswith("eval_") and not k.endswith(_TABLE_SKIP)})
+            row.update({k: v for k, v in h.items() if k.startswith("eval_") and not k.endswith(_TIMINGS)})
             rows.append(row)
     return rows
 
