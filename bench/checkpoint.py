@@ -28,13 +28,14 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import argparse
 import gc
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from loop_overhead import initial_weights, versions
 
 BATCH = 8
 SEQ_LEN = 32
@@ -148,16 +149,13 @@ def main():
     datasets.disable_progress_bars()
 
     config = make_config(a.vocab, a.hidden, a.layers)
-    torch.manual_seed(SEED)
-    from transformers import BertForSequenceClassification
-    init = {k: v.clone() for k, v in BertForSequenceClassification(config).state_dict().items()}
+    init = initial_weights(config)
     ds = make_dataset(a.saves * BATCH, a.vocab)
     n_params = sum(v.numel() for v in init.values())
     print(f"# checkpoint save: BertForSequenceClassification ({n_params:,} params, {n_params * 4 / 2**20:.1f} MiB fp32), "
           f"fused AdamW, {a.saves} saves per run (first not counted), {a.rounds} interleaved round(s), torch threads 1, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
-    print(f"# python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"safetensors {safetensors.__version__}, nbtrain {nbtrain.__version__}; output on {tempfile.gettempdir()}\n", flush=True)
+    print(f"# {versions(torch, transformers, safetensors, nbtrain)}; output on {tempfile.gettempdir()}\n", flush=True)
 
     times, reports = {name: [] for name in VARIANTS}, {}
     for r in range(a.rounds):

@@ -27,15 +27,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import argparse
 import gc
-import platform
 import tempfile
 import time
 
 import torch
 
-from loop_overhead import BATCH, LR, MAX_GRAD_NORM, SEED, WEIGHT_DECAY, Clock, clock_callback, make_config, make_dataset, make_model
+from loop_overhead import (BATCH, LR, MAX_GRAD_NORM, SEED, WEIGHT_DECAY, Clock, clock_callback, initial_weights,
+                           make_config, make_dataset, make_model, step_args, versions)
 
 LOGGING_STEPS = 50
 BASE, FILE, TB = "none, no file", "none + log.jsonl", "tensorboard + log.jsonl"
@@ -77,14 +76,7 @@ def run(config, init, ds, steps: int, clock: Clock, warmup: int, **variant) -> t
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=1500, help="optimizer steps per run (default 1500)")
-    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds of all variants; the best counts (default 5)")
-    p.add_argument("--skip", type=int, default=None, help="steps run before the clock starts (default steps // 5)")
-    a = p.parse_args()
-    skip = a.skip if a.skip is not None else max(1, a.steps // 5)
-    if not 0 < skip < a.steps: p.error(f"--skip must lie in (0, --steps); got {skip} with --steps {a.steps}")
-    if a.repeats < 1: p.error("--repeats must be at least 1")
+    a, skip = step_args(__doc__.split("\n\n")[0], repeats=5)
 
     torch.set_num_threads(1)
     import accelerate
@@ -101,16 +93,13 @@ def main():
         variants.pop(TB)
 
     config = make_config()
-    torch.manual_seed(SEED)
-    from transformers import BertForSequenceClassification
-    init = {k: v.clone() for k, v in BertForSequenceClassification(config).state_dict().items()}
+    init = initial_weights(config)
     ds = make_dataset(a.steps * BATCH)
 
     print(f"# logging overhead: tiny BERT, batch {BATCH}, logging_steps={LOGGING_STEPS}, {a.steps} steps per run (timed: steps "
           f"{skip + 1}..{a.steps}, {(a.steps - skip) // LOGGING_STEPS} logs), {a.repeats} interleaved round(s), torch threads "
           f"{torch.get_num_threads()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
-    print(f"# python {platform.python_version()}, torch {torch.__version__}, accelerate {accelerate.__version__}, "
-          f"nbtrain {nbtrain.__version__}\n", flush=True)
+    print(f"# {versions(torch, accelerate, nbtrain)}\n", flush=True)
 
     runs, in_log = {name: [] for name in variants}, {name: [] for name in variants}
     names = list(variants)

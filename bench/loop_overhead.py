@@ -179,16 +179,36 @@ RAW, HF, NB = "raw PyTorch loop", "transformers.Trainer", "nbtrain.Trainer"
 VARIANTS = {RAW: run_raw, HF: run_hf, NB: run_nbtrain}
 
 
-# ---------------------------------------------------------------------------------------------- main
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+# ---------------------------------------------------------------------------------------------- shared by the benches
+def step_args(description: str, repeats: int) -> tuple[argparse.Namespace, int]:
+    "The options of a steady-state bench (--steps, --repeats, --skip), checked; returns them and the steps before the clock."
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--steps", type=int, default=1500, help="optimizer steps per run (default 1500)")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds of all variants; the best counts (default 3)")
+    p.add_argument("--repeats", type=int, default=repeats,
+                   help=f"interleaved rounds of all variants; the best counts (default {repeats})")
     p.add_argument("--skip", type=int, default=None, help="steps run before the clock starts (default steps // 5)")
     a = p.parse_args()
     skip = a.skip if a.skip is not None else max(1, a.steps // 5)
     if not 0 < skip < a.steps: p.error(f"--skip must lie in (0, --steps); got {skip} with --steps {a.steps}")
     if a.repeats < 1: p.error("--repeats must be at least 1")
+    return a, skip
+
+
+def initial_weights(config) -> dict[str, torch.Tensor]:
+    "One BERT classifier's initial weights, so that every variant and round starts from the same ones."
+    from transformers import BertForSequenceClassification
+    torch.manual_seed(SEED)
+    return {k: v.clone() for k, v in BertForSequenceClassification(config).state_dict().items()}
+
+
+def versions(*modules) -> str:
+    "The Python version and each module's, for a bench's header line."
+    return ", ".join([f"python {platform.python_version()}"] + [f"{m.__name__} {m.__version__}" for m in modules])
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main():
+    a, skip = step_args(__doc__.split("\n\n")[0], repeats=3)
     warmup = a.steps // 10
 
     torch.set_num_threads(1)
@@ -201,17 +221,14 @@ def main():
     datasets.disable_progress_bars()
 
     config = make_config()
-    torch.manual_seed(SEED)
-    from transformers import BertForSequenceClassification
-    init = {k: v.clone() for k, v in BertForSequenceClassification(config).state_dict().items()}
+    init = initial_weights(config)
     ds = make_dataset(a.steps * BATCH)  # exactly one epoch: no epoch boundary inside a run
 
     n_params = sum(v.numel() for v in init.values())
     print(f"# loop overhead: BertForSequenceClassification ({n_params:,} params), batch {BATCH}, seq {SEQ_LEN}, "
           f"{a.steps} steps per run (timed: steps {skip + 1}..{a.steps}), {a.repeats} interleaved round(s), "
           f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
-    print(f"# python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"accelerate {accelerate.__version__}, datasets {datasets.__version__}, nbtrain {nbtrain.__version__}\n", flush=True)
+    print(f"# {versions(torch, transformers, accelerate, datasets, nbtrain)}\n", flush=True)
 
     runs = {name: [] for name in VARIANTS}
     for r in range(a.repeats):
