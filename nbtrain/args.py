@@ -42,17 +42,18 @@ class TrainingArguments:
     max_steps: int = -1
     per_device_train_batch_size: int = 8
     per_device_eval_batch_size: int = 8
+    eval_accumulation_steps: int | None = None  # accepted from transformers; predictions already go to the CPU each batch
     gradient_accumulation_steps: int = 1
     learning_rate: float = 5e-5
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
-    warmup_steps: int = 0
+    warmup_steps: int | float = 0  # below 1: a fraction of the run's steps, as in transformers 5
     warmup_ratio: float = 0.0
     lr_scheduler_type: str = "linear"
     optim: str = "adamw_torch_fused"
-    max_grad_norm: float = 1.0
+    max_grad_norm: float | None = 1.0  # 0 or None: no clipping
     nan_check: str = "log"
     eval_strategy: str = "no"
     eval_steps: int | None = None
@@ -96,8 +97,6 @@ class TrainingArguments:
                              "set num_train_epochs > 0, or max_steps > 0 (which takes precedence).")
         if not 0 <= self.warmup_ratio <= 1:
             raise ValueError(f"warmup_ratio={self.warmup_ratio}: must lie in [0, 1]; it is a fraction of the total steps.")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps={self.warmup_steps}: must be 0 or more.")
         _check_choice("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
         _check_choice("optim", self.optim, OPTIMIZERS)
         _check_choice("eval_strategy", self.eval_strategy, STRATEGIES)
@@ -139,6 +138,12 @@ class TrainingArguments:
             self.torch_compile_backend = self.torch_compile_backend or "inductor"
             if self.torch_compile_mode is not None: _check_choice("torch_compile_mode", self.torch_compile_mode, COMPILE_MODES)
 
+    def get_warmup_steps(self, num_training_steps: int) -> int:
+        "Warm-up steps of a run of `num_training_steps`: `warmup_steps` (a count, or a fraction below 1), else `warmup_ratio`."
+        w = self.warmup_steps
+        if w >= 1: return int(w)
+        return math.ceil((w or self.warmup_ratio) * num_training_steps)
+
     @property
     def train_batch_size(self) -> int:
         "Examples per optimizer step on one process (batch size times accumulation)."
@@ -163,16 +168,20 @@ def _check_values(args):
     for name, lo, hi, hint in (("seed", 0, 2**32 - 1, "an integer from 0 to 2**32 - 1, e.g. 42"),
                                ("data_seed", 0, 2**32 - 1, "None or an integer from 0 to 2**32 - 1"),
                                ("dataloader_num_workers", 0, None, "0 (load in the training process) or more worker processes"),
-                               ("warmup_steps", 0, None, "a whole number of steps, 0 or more"),
+                               ("eval_accumulation_steps", 1, None, "None or a positive whole number of batches"),
                                ("max_steps", -1, None, "-1 (train num_train_epochs) or a positive whole number of steps"),
                                ("save_total_limit", 1, None, "None (keep all) or a positive number of checkpoints"),
                                ("logging_steps", 1, None, "a positive whole number of steps"),
                                ("eval_steps", 1, None, "None or a positive whole number of steps"),
                                ("save_steps", 1, None, "a positive whole number of steps")):
         v = getattr(args, name)
-        if v is None and name in ("data_seed", "save_total_limit", "eval_steps"): continue
+        if v is None and name in ("data_seed", "save_total_limit", "eval_steps", "eval_accumulation_steps"): continue
         if not _is_int(v) or v < lo or (hi is not None and v > hi):
             raise ValueError(f"{name}={v!r}: must be {hint}.")
+    if args.max_grad_norm is None: args.max_grad_norm = 0.0  # transformers' spelling of no clipping
+    w = args.warmup_steps
+    if not (_is_int(w) and w >= 0 or _is_real(w) and 0 <= w < 1):
+        raise ValueError(f"warmup_steps={w!r}: must be a whole number of steps (0 or more) or a fraction of the run below 1, e.g. 0.1.")
     for name, lo, hi, hint in (("num_train_epochs", None, None, "a finite number of epochs, e.g. 3"),
                                ("learning_rate", None, None, "a finite positive number, e.g. 2e-5"),
                                ("weight_decay", 0, None, "0 or more, e.g. 0.01"),

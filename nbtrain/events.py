@@ -123,12 +123,13 @@ class FlowCallback(TrainerCallback):
     "Sets `should_log`, `should_evaluate`, `should_save` and `should_training_stop` from the arguments."
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
-        if args.logging_strategy == "steps" and (step % args.logging_steps == 0 or (step == 1 and args.logging_first_step)):
+        if (args.logging_strategy == "steps" and step % args.logging_steps == 0) or (step == 1 and args.logging_first_step):
             control.should_log = True
         if args.eval_strategy == "steps" and step % args.eval_steps == 0: control.should_evaluate = True
         if args.save_strategy == "steps" and step % args.save_steps == 0: control.should_save = True
         if step >= state.max_steps:
             control.should_training_stop = True
+            if args.eval_strategy == "steps": control.should_evaluate = True  # the final model is always evaluated
             if args.save_strategy == "steps": control.should_save = True
             if args.logging_strategy != "no": control.should_log = True
         return control

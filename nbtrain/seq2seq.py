@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .args import TrainingArguments, _checked_init
 from .metrics import IGNORE_INDEX
-from .trainer import PredictionOutput, Trainer, split_outputs
+from .trainer import PredictionOutput, Trainer
 
 # %% auto #0
 __all__ = ['Seq2SeqTrainingArguments', 'Seq2SeqTrainer', 'tokenize_13a', 'bleu_stats', 'bleu_from_stats', 'corpus_bleu', 'BLEU']
@@ -87,7 +87,7 @@ class Seq2SeqTrainer(Trainer):
         acc = self.accelerator
         labels, loss = self._labels(batch), None
         if labels is not None:
-            with acc.autocast(): loss, _ = split_outputs(model(**batch))
+            with acc.autocast(): loss, _ = self._eval_forward(model, batch, True)
         targets = set(self.label_names or ["labels"])
         inputs = {k: v for k, v in batch.items() if k not in targets and k not in _DECODER_INPUTS}
         generator = acc.unwrap_model(model)  # generate is a method of the model, not of its DDP wrapper

@@ -27,17 +27,17 @@ from .args import TrainingArguments
 from .checkpoint import (CheckpointCallback, CheckpointWriteError, load_weights, os_error, read_loop_state,
                                 resolve_checkpoint, restore_training, save_weights)
 from .dashboard import default_progress, plot_history
-from .data import (Collator, ColumnPlan, DataError, EpochSampler, column_names, default_collator, make_dataloader,
-                          preflight_batch, require_examples)
+from .data import (Collator, ColumnPlan, DataError, EpochSampler, column_names, default_collator, default_label_names,
+                          make_dataloader, preflight_batch, require_examples)
 from .events import CallbackHandler, FlowCallback, TrainerControl, TrainerState
 from .metrics import Accumulator, EvalPrediction, MetricError, StreamingMetrics, compute_metric_values
 from .tracking import LogFileCallback, TrackerCallback, history_from, resolve_trackers
 
 # %% auto #0
 __all__ = ['ENV_PRECISION', 'TRAJECTORY_ARGS', 'TrainOutput', 'PredictionOutput', 'param_groups', 'make_optimizer',
-           'make_scheduler', 'split_outputs', 'TrainingInterrupted', 'InterruptFlag', 'NonFiniteLossError',
-           'describe_batch', 'batch_error', 'weights_finite', 'ScalerWatch', 'loader_position', 'stop_loader_workers',
-           'Trainer']
+           'make_scheduler', 'split_outputs', 'loss_shifts_labels', 'TrainingInterrupted', 'InterruptFlag',
+           'NonFiniteLossError', 'describe_batch', 'batch_error', 'weights_finite', 'ScalerWatch', 'loader_position',
+           'stop_loader_workers', 'Trainer']
 
 # %% ../nbs/06_trainer.ipynb #54985f06
 ENV_PRECISION = "NBTRAIN_MIXED_PRECISION"  # set by `launch` in its children; the Trainer's Accelerator uses it
@@ -104,11 +104,26 @@ def split_outputs(outputs) -> tuple[torch.Tensor | None, Any]:
     return loss, (rest[0] if len(rest) == 1 else rest or None)
 
 # %% ../nbs/06_trainer.ipynb #1c20c7bc
-def _item_counts(batches: list[dict], label_names: list[str]) -> list[torch.Tensor] | None:
+def loss_shifts_labels(model: nn.Module) -> bool:
+    "Whether the model's loss is a causal LM's, which predicts label i+1 at position i: the first label of a row is never a target."
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False): return False
+    try:
+        from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError: return False
+    # GPT-2 and others have no loss_type, and their loss falls back to ForCausalLMLoss: the class name tells them
+    return (LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss
+            or type(model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+def _item_counts(batches: list[dict], label_names: list[str], shift: bool = False) -> list[torch.Tensor] | None:
     "Per micro-batch, the number of labelled items (tokens not `-100`, or examples): the weights of accumulation."
     key = label_names[0] if label_names else "labels"
     if not all(isinstance(b.get(key), torch.Tensor) for b in batches): return None
-    return [(b[key] != -100).sum() for b in batches]
+    return [((b[key][..., 1:] if shift and b[key].dim() > 1 else b[key]) != -100).sum() for b in batches]
+
+def _weigh(loss: torch.Tensor, count: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    "A micro-batch's mean loss times its share of the window's items; one without items (its mean is 0/0) adds nothing."
+    return torch.where(count > 0, loss, torch.zeros_like(loss)) * (count / total.clamp(min=1))
 
 # %% ../nbs/06_trainer.ipynb #40c7e8b1
 def _epoch_sampler(dl):
@@ -291,7 +306,7 @@ class Trainer:
         self.streaming = StreamingMetrics(metrics)
         self.optimizer, self.lr_scheduler = optimizers
         self._own_optimizer = self._own_scheduler = False  # ours are made anew for each run; a user's are kept
-        self.label_names = self.args.label_names or None
+        self.label_names = self.args.label_names or default_label_names(model)  # QA models: start and end positions
         self.accelerator = self._make_accelerator()
         self.state, self.control = TrainerState(), TrainerControl()
         self.last_checkpoint, self._eval_dl, self._interrupted_at = None, None, None
@@ -349,6 +364,8 @@ class Trainer:
         a = self.args
         collator, batch = self._check_dataset(self.train_dataset, "train_dataset", a.per_device_train_batch_size)
         self._first_batch = batch
+        # a collator of the user's own may draw random numbers (masking): numbered batches keep a resumed run exact
+        self._numbered = collator if self.data_collator is not None else None
         dl = make_dataloader(self.train_dataset, collator, a.per_device_train_batch_size, shuffle=True,
                              seed=a.data_seed if a.data_seed is not None else a.seed, num_workers=a.dataloader_num_workers,
                              drop_last=a.dataloader_drop_last, group_by_length=a.group_by_length)
@@ -428,11 +445,18 @@ class Trainer:
 
     def _prediction_step(self, model, batch: dict):
         "`(loss, logits, labels)` of one evaluation batch, logits passed through `preprocess_logits_for_metrics`."
-        with self.accelerator.autocast(): loss, logits = split_outputs(model(**batch))
         labels = self._labels(batch)
+        with self.accelerator.autocast(): loss, logits = self._eval_forward(model, batch, labels is not None)
         if self.preprocess_logits_for_metrics is not None and logits is not None:
             logits = self.preprocess_logits_for_metrics(logits, labels)
         return loss, logits, labels
+
+    def _eval_forward(self, model, batch: dict, has_labels: bool):
+        "`(loss, logits)`; with labels, the loss comes from `compute_loss` when it is customised, the same loss as in training."
+        custom = self.compute_loss_func is not None or type(self).compute_loss is not Trainer.compute_loss
+        if not (custom and has_labels): return split_outputs(model(**batch))
+        loss, outputs = self.compute_loss(model, dict(batch), return_outputs=True)
+        return loss, split_outputs(outputs)[1]
 
     def _labels(self, batch: dict):
         names = self.label_names or ["labels"]
@@ -470,8 +494,8 @@ class Trainer:
             self.optimizer = make_optimizer(self.model, a)
             self._own_optimizer = True
         if self.lr_scheduler is None or self._own_scheduler:
-            warmup = a.warmup_steps or math.ceil(a.warmup_ratio * num_training_steps)
-            self.lr_scheduler = make_scheduler(self.optimizer, a.lr_scheduler_type, warmup, num_training_steps)
+            self.lr_scheduler = make_scheduler(self.optimizer, a.lr_scheduler_type, a.get_warmup_steps(num_training_steps),
+                                               num_training_steps)
             self._own_scheduler = True
 
     def checkpoint_parts(self) -> dict:
@@ -498,6 +522,7 @@ class Trainer:
         train_dl = acc.prepare_data_loader(train_dl)  # under launch: this process's shard of every global batch
         sampler = _epoch_sampler(train_dl)
         ga = a.gradient_accumulation_steps
+        shift = ga > 1 and loss_shifts_labels(self.model)
         batches_per_epoch = len(train_dl)
         steps_per_epoch = max(1, math.ceil(batches_per_epoch / ga))
         max_steps = a.max_steps if a.max_steps > 0 else math.ceil(a.num_train_epochs * steps_per_epoch)
@@ -542,15 +567,21 @@ class Trainer:
         if loop: tr_loss.fill_(loop["tr_loss"]); self._total_loss, self._logged_steps = loop["total_loss"], loop["logged_steps"]
         self._tr_loss = tr_loss
         distributed = acc.num_processes > 1
+        data_seed = a.data_seed if a.data_seed is not None else a.seed
         autocast = acc.autocast if acc.mixed_precision != "no" else contextlib.nullcontext
         interrupt, batches = InterruptFlag(), None
+        self._step_lr = self.lr_scheduler.get_last_lr()[0]
+        # an interrupt that arrives during the last step changes nothing: the run ends as finished
+        stop_now = lambda: interrupt.requested and self.state.global_step < max_steps
         model.train()
         try:
             with interrupt.active():
-                for epoch in range(start_epoch, num_epochs):
+                for epoch in range(start_epoch, num_epochs if self.state.global_step < max_steps else 0):
                     train_dl.set_epoch(epoch)
                     if sampler is not None and epoch == start_epoch and skip_steps:
                         sampler.skip = skip_steps * ga * a.per_device_train_batch_size * acc.num_processes
+                    if self._numbered is not None:
+                        self._numbered.number_batches(data_seed, epoch, skip_steps * ga if epoch == start_epoch else 0, acc.process_index)
                     batches = iter(train_dl)
                     remaining = batches_per_epoch - (skip_steps * ga if epoch == start_epoch else 0)
                     self.control._new_epoch()
@@ -566,7 +597,7 @@ class Trainer:
                             index = first + loader_position(e, update * ga + len(window) - first)
                             raise batch_error(e, f"step {epoch * steps_per_epoch + index // ga + 1} (batch {index} of epoch "
                                                  f"{epoch}, train_dataset); training stopped at step {self.state.global_step}") from e
-                        counts = _item_counts(window, self.label_names) if n > 1 else None
+                        counts = _item_counts(window, self.label_names, shift) if n > 1 else None
                         total = sum(counts) if counts else None  # items in the whole window: each micro-batch weighs its share
                         self._fire("on_step_begin")
                         for i, batch in enumerate(window):
@@ -574,7 +605,7 @@ class Trainer:
                             with sync, autocast():
                                 try:
                                     loss = self.compute_loss(model, batch)
-                                    if n > 1: loss = loss * (counts[i] / total) if counts else loss / n
+                                    if n > 1: loss = _weigh(loss, counts[i], total) if counts else loss / n
                                     self._backward(loss)
                                 except _PASS_THROUGH: raise
                                 except Exception as e:
@@ -593,6 +624,7 @@ class Trainer:
                         if watch is not None: watch.step(optimizer)
                         else: optimizer.step()
                         self._fire("on_optimizer_step")
+                        self._step_lr = self.lr_scheduler.get_last_lr()[0]  # the rate this step used, for the log
                         self.lr_scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
                         self.state.global_step += 1
@@ -601,18 +633,18 @@ class Trainer:
                         last = update == steps_per_epoch - 1 or remaining <= 0
                         # at an epoch's last step, a save waits for the epoch-end evaluation, so the checkpoint has it
                         tr_loss = self._maybe_log_save_evaluate(tr_loss, grad_norm, defer_save=last)
-                        if self.control.should_epoch_stop or self.control.should_training_stop or interrupt.requested: break
-                    if interrupt.requested and not last: break
+                        if self.control.should_epoch_stop or self.control.should_training_stop or stop_now(): break
+                    if stop_now() and not last: break
                     self._fire("on_epoch_end")
                     tr_loss = self._maybe_log_save_evaluate(tr_loss, None)
-                    if self.control.should_training_stop or interrupt.requested: break
+                    if self.control.should_training_stop or stop_now(): break
         except BaseException as e:  # a failure: the progress shows where it stopped, then the error propagates
             stop_loader_workers(batches, e)
             self._eval_dl = None
             self._fire("on_train_end", outcome="failed", error=e)
             raise
         stop_loader_workers(batches)
-        if interrupt.requested: self._tr_loss = tr_loss; self._stop_interrupted()
+        if stop_now(): self._tr_loss = tr_loss; self._stop_interrupted()
 
         rest = tr_loss.item()  # the loss since the last log (all of it with logging_strategy="no")
         if a.nan_check != "off" and not math.isfinite(rest):
@@ -665,7 +697,7 @@ class Trainer:
             self._total_loss += total
             logs = {"loss": round(total / steps, 6)}
             if grad_norm is not None: logs["grad_norm"] = float(grad_norm)
-            logs["learning_rate"] = self.lr_scheduler.get_last_lr()[0]
+            logs["learning_rate"] = self._step_lr
             if skipped is not None: logs["skipped_steps"] = skipped
             self._logged_steps = self.state.global_step
             tr_loss = torch.zeros_like(tr_loss)

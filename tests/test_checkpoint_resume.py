@@ -70,8 +70,8 @@ def assert_same(straight: dict, resumed: dict):
 
 class Case:
     "One configuration, trained straight, stopped, and resumed; each run builds a fresh model and Trainer."
-    def __init__(self, tiny, make_args, tmp_path, n=64, dropout=0.0, eval_n=0, callbacks=(), **args):
-        self.tiny, self.make_args, self.tmp_path = tiny, make_args, tmp_path
+    def __init__(self, tiny, make_args, tmp_path, n=64, dropout=0.0, eval_n=0, callbacks=(), collator=None, **args):
+        self.tiny, self.make_args, self.tmp_path, self.collator = tiny, make_args, tmp_path, collator
         self.n, self.dropout, self.eval_n, self.callbacks = n, dropout, eval_n, callbacks
         self.args = {**dict(per_device_train_batch_size=8, learning_rate=1e-2, seed=7, logging_steps=1, save_strategy="steps",
                             save_steps=2), **args}
@@ -81,7 +81,8 @@ class Case:
         eval_ds = self.tiny.dataset(self.eval_n, seed=1) if self.eval_n else None
         callbacks = [cb() for cb in self.callbacks] + list(extra)
         return Trainer(model, self.make_args(output_dir=str(self.tmp_path / out), **self.args),
-                       train_dataset=self.tiny.dataset(self.n, seed=0), eval_dataset=eval_ds, callbacks=callbacks)
+                       train_dataset=self.tiny.dataset(self.n, seed=0), eval_dataset=eval_ds, callbacks=callbacks,
+                       data_collator=self.collator)
 
     def straight(self) -> dict:
         t = self.trainer("straight")
@@ -160,6 +161,46 @@ def test_dropout_makes_the_rng_state_matter(tiny, make_args, tmp_path, monkeypat
     assert not all(torch.equal(straight["weights"][k], v) for k, v in resumed["weights"].items())
 
 
+def random_mask(examples: list[dict]) -> dict:
+    "A user's collator that masks 30% of the tokens with torch's global generator, as masked-LM collators do."
+    batch = {k: torch.tensor([e[k] for e in examples]) for k in examples[0]}
+    keep = torch.rand(batch["input_ids"].shape) >= 0.3
+    keep[:, 0] = True  # [CLS]
+    return dict(batch, input_ids=batch["input_ids"] * keep)
+
+
+@pytest.mark.parametrize("workers", [0, 2], ids=["in-process", "2-workers"])
+@pytest.mark.parametrize("k", [3, 8], ids=["mid-epoch", "epoch-end"])
+def test_resume_with_a_collator_that_draws_random_numbers(tiny, make_args, tmp_path, k, workers):
+    # The loader collates batch k+1 before step k ends, so the global random state saved at step k has already served
+    # it; with dropout drawing from the same state, a resumed run that re-collates batch k+1 from it would mask it
+    # differently and shift every later draw.
+    Case(tiny, make_args, tmp_path, dropout=0.1, collator=random_mask, max_steps=12, save_steps=k,
+         dataloader_num_workers=workers).check(k=k)
+
+
+def test_the_random_collator_changes_training(tiny, make_args, tmp_path):
+    # guards the test above against being vacuous: the masks differ from batch to batch and change the weights
+    plain = Case(tiny, make_args, tmp_path / "plain", max_steps=4).straight()
+    masked = Case(tiny, make_args, tmp_path / "masked", collator=random_mask, max_steps=4).straight()
+    assert not all(torch.equal(plain["weights"][k], v) for k, v in masked["weights"].items())
+
+
+def test_interrupt_during_the_last_step_finishes_the_run(tiny, make_args, tmp_path):
+    # every step was taken: the run ends as finished (no TrainingInterrupted), and resuming its last checkpoint
+    # trains nothing more
+    case = Case(tiny, make_args, tmp_path, dropout=0.1, max_steps=12)
+    straight = case.straight()
+    t = case.trainer("split", [InterruptAt(12)])
+    out = t.train()
+    assert out.global_step == 12
+    assert_same(straight, result(t))
+    again = case.trainer("split")
+    again.train(resume_from_checkpoint=True)
+    assert again.state.global_step == 12
+    assert_same(straight, result(again))
+
+
 def test_resume_with_dataloader_workers(tiny, make_args, tmp_path):
     Case(tiny, make_args, tmp_path, dropout=0.1, max_steps=12, dataloader_num_workers=2).check(k=6)
 
@@ -167,8 +208,11 @@ def test_resume_with_dataloader_workers(tiny, make_args, tmp_path):
 @pytest.mark.parametrize("k", [2, 6], ids=["in-warmup", "after-warmup"])
 def test_resume_with_cosine_schedule_and_warmup(tiny, make_args, tmp_path, k):
     straight, _ = Case(tiny, make_args, tmp_path, max_steps=12, lr_scheduler_type="cosine", warmup_steps=4).check(k=k)
-    lrs = [lr for _, lr in straight["lrs"]]  # the schedule the test is about: up for 4 steps, then a cosine down to 0
-    assert len(lrs) == 12 and all(a < b for a, b in zip(lrs[:4], lrs[1:4])) and all(a > b for a, b in zip(lrs[3:], lrs[4:]))
+    # the schedule the test is about, as the steps used it: up from 0 over 4 warm-up steps to the peak at step 5,
+    # then a cosine down
+    lrs = [lr for _, lr in straight["lrs"]]
+    assert len(lrs) == 12 and lrs[0] == 0.0 and lrs[4] == max(lrs)
+    assert all(a < b for a, b in zip(lrs[:4], lrs[1:5])) and all(a > b for a, b in zip(lrs[4:], lrs[5:]))
 
 
 def test_resume_with_evaluation_and_early_stopping(tiny, make_args, tmp_path):

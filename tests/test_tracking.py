@@ -135,7 +135,7 @@ def test_interrupt_and_resume_log_each_step_once_in_order(tiny, tmp_path, how):
         trainer.train()
     records = read_log(out)
     assert loss_steps(records) == list(range(1, 13))
-    assert [r["step"] for r in records if "eval_loss" in r] == [5, 10]
+    assert [r["step"] for r in records if "eval_loss" in r] == [5, 10, 12]  # every 5 steps, and the last one
     same_records(records, trainer.state.log_history)
     # the same values as a run that was never interrupted (timings aside)
     assert values(records) == values(read_log(tmp_path / "straight"))
@@ -192,7 +192,7 @@ def test_logging_strategies_and_the_switch(tiny, tmp_path):
     none = make_trainer(tiny, tmp_path / "no", eval_n=16, logging_strategy="no", save_strategy="no")
     none.train()
     records = read_log(tmp_path / "no")
-    assert loss_steps(records) == [] and [r["step"] for r in records if "eval_loss" in r] == [5, 10]
+    assert loss_steps(records) == [] and [r["step"] for r in records if "eval_loss" in r] == [5, 10, 12]
     off = make_trainer(tiny, tmp_path / "off", log_to_file=False, save_strategy="no")
     off.train()
     assert not (tmp_path / "off" / LOG_FILE).exists()
