@@ -56,14 +56,14 @@ class TrainingArguments:
     max_grad_norm: float | None = 1.0  # 0 or None: no clipping
     nan_check: str = "log"
     eval_strategy: str = "no"
-    eval_steps: int | None = None
+    eval_steps: int | float | None = None  # below 1: a fraction of the run, as in transformers
     logging_strategy: str = "steps"
-    logging_steps: int = 500
+    logging_steps: int | float = 500
     logging_first_step: bool = False
     logging_dir: str | None = None
     log_to_file: bool = True
     save_strategy: str = "steps"
-    save_steps: int = 500
+    save_steps: int | float = 500
     save_total_limit: int | None = None
     load_best_model_at_end: bool = False
     metric_for_best_model: str | None = None
@@ -103,10 +103,6 @@ class TrainingArguments:
         _check_choice("logging_strategy", self.logging_strategy, STRATEGIES)
         _check_choice("save_strategy", self.save_strategy, SAVE_STRATEGIES)
         if self.eval_strategy == "steps" and self.eval_steps is None: self.eval_steps = self.logging_steps
-        for name in ("eval_steps", "logging_steps", "save_steps"):
-            v = getattr(self, name)
-            if v is not None and not v > 0:
-                raise ValueError(f"{name}={v}: must be positive; it counts optimizer steps between events.")
         if self.fp16 and self.bf16:
             raise ValueError("fp16=True and bf16=True: choose one mixed precision; bf16 is the safer choice where supported.")
         if self.fp16 and not torch.cuda.is_available():
@@ -119,9 +115,10 @@ class TrainingArguments:
                 raise ValueError(f"load_best_model_at_end=True needs eval_strategy and save_strategy to match, got "
                                  f"eval_strategy={self.eval_strategy!r} and save_strategy={self.save_strategy!r}; "
                                  f"set save_strategy={self.eval_strategy!r}.")
-            if self.eval_strategy == "steps" and self.save_strategy == "steps" and self.save_steps % self.eval_steps:
+            if self.eval_strategy == "steps" and self.save_strategy == "steps" and not _multiple(self.save_steps, self.eval_steps):
                 raise ValueError(f"load_best_model_at_end=True needs save_steps ({self.save_steps}) to be a multiple of "
-                                 f"eval_steps ({self.eval_steps}), so that every save has an evaluation; set save_steps={self.eval_steps}.")
+                                 f"eval_steps ({self.eval_steps}), both step counts or both fractions of the run, so that every "
+                                 f"save has an evaluation; set save_steps={self.eval_steps}.")
         if (self.load_best_model_at_end or self.save_strategy == "best") and self.metric_for_best_model is None:
             self.metric_for_best_model = "loss"
         if self.metric_for_best_model is not None and self.greater_is_better is None:
@@ -138,6 +135,11 @@ class TrainingArguments:
             self.torch_compile_backend = self.torch_compile_backend or "inductor"
             if self.torch_compile_mode is not None: _check_choice("torch_compile_mode", self.torch_compile_mode, COMPILE_MODES)
 
+    def interval(self, name: str, max_steps: int) -> int | None:
+        "`logging_steps`, `eval_steps` or `save_steps` as a number of steps; a fraction below 1 is of `max_steps`."
+        v = getattr(self, name)
+        return v if v is None or v >= 1 else max(1, math.ceil(v * max_steps))
+
     def get_warmup_steps(self, num_training_steps: int) -> int:
         "Warm-up steps of a run of `num_training_steps`: `warmup_steps` (a count, or a fraction below 1), else `warmup_ratio`."
         w = self.warmup_steps
@@ -146,8 +148,8 @@ class TrainingArguments:
 
     @property
     def train_batch_size(self) -> int:
-        "Examples per optimizer step on one process (batch size times accumulation)."
-        return self.per_device_train_batch_size * self.gradient_accumulation_steps
+        "Examples in one batch on one device, as in transformers (the run's `TrainerState` has the total per optimizer step)."
+        return self.per_device_train_batch_size
 
     def to_dict(self) -> dict:
         "The arguments as a plain dict of JSON values."
@@ -161,6 +163,7 @@ class TrainingArguments:
 NAN_CHECKS = ("log", "step", "off")
 
 def _is_int(v) -> bool: return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+def _multiple(a, b) -> bool: return (a < 1) == (b < 1) and round(a * 10**6) % round(b * 10**6) == 0
 def _is_real(v) -> bool: return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 def _check_values(args):
@@ -171,13 +174,15 @@ def _check_values(args):
                                ("eval_accumulation_steps", 1, None, "None or a positive whole number of batches"),
                                ("max_steps", -1, None, "-1 (train num_train_epochs) or a positive whole number of steps"),
                                ("save_total_limit", 1, None, "None (keep all) or a positive number of checkpoints"),
-                               ("logging_steps", 1, None, "a positive whole number of steps"),
-                               ("eval_steps", 1, None, "None or a positive whole number of steps"),
-                               ("save_steps", 1, None, "a positive whole number of steps")):
+                               ):
         v = getattr(args, name)
-        if v is None and name in ("data_seed", "save_total_limit", "eval_steps", "eval_accumulation_steps"): continue
+        if v is None and name in ("data_seed", "save_total_limit", "eval_accumulation_steps"): continue
         if not _is_int(v) or v < lo or (hi is not None and v > hi):
             raise ValueError(f"{name}={v!r}: must be {hint}.")
+    for name in ("logging_steps", "eval_steps", "save_steps"):
+        v = getattr(args, name)
+        if not (v is None and name == "eval_steps" or _is_int(v) and v >= 1 or _is_real(v) and 0 < v < 1):
+            raise ValueError(f"{name}={v!r}: must be a positive whole number of steps, or a fraction of the run below 1 (e.g. 0.1).")
     if args.max_grad_norm is None: args.max_grad_norm = 0.0  # transformers' spelling of no clipping
     w = args.warmup_steps
     if not (_is_int(w) and w >= 0 or _is_real(w) and 0 <= w < 1):

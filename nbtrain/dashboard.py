@@ -56,7 +56,7 @@ class ConsoleProgress(TrainerCallback):
         if state.is_world_process_zero:
             resumed = f", continuing from step {state.global_step}" if state.global_step else ""
             self._print(f"training: {state.max_steps} steps, {state.num_train_epochs} epoch(s), "
-                        f"{state.train_batch_size} examples per step{resumed}")
+                        f"{state.total_train_batch_size} examples per step{resumed}")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or "train_runtime" in logs: return

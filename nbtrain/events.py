@@ -27,7 +27,8 @@ class TrainerState:
     logging_steps: int = 500
     eval_steps: int | None = None
     save_steps: int = 500
-    train_batch_size: int = 0
+    train_batch_size: int = 0        # one device's batch, as in transformers
+    total_train_batch_size: int = 0  # examples per optimizer step: batch x accumulation x processes
     log_history: list[dict] = field(default_factory=list)
     best_metric: float | None = None
     best_global_step: int | None = None
@@ -123,10 +124,11 @@ class FlowCallback(TrainerCallback):
     "Sets `should_log`, `should_evaluate`, `should_save` and `should_training_stop` from the arguments."
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
-        if (args.logging_strategy == "steps" and step % args.logging_steps == 0) or (step == 1 and args.logging_first_step):
+        # the state's intervals: the Trainer has turned fractions of the run into steps there
+        if (args.logging_strategy == "steps" and step % state.logging_steps == 0) or (step == 1 and args.logging_first_step):
             control.should_log = True
-        if args.eval_strategy == "steps" and step % args.eval_steps == 0: control.should_evaluate = True
-        if args.save_strategy == "steps" and step % args.save_steps == 0: control.should_save = True
+        if args.eval_strategy == "steps" and step % state.eval_steps == 0: control.should_evaluate = True
+        if args.save_strategy == "steps" and step % state.save_steps == 0: control.should_save = True
         if step >= state.max_steps:
             control.should_training_stop = True
             if args.eval_strategy == "steps": control.should_evaluate = True  # the final model is always evaluated

@@ -536,8 +536,9 @@ class Trainer:
         nan_each_step = a.nan_check == "step" and watch is None
 
         self.state = TrainerState(max_steps=max_steps, num_train_epochs=num_epochs, steps_per_epoch=steps_per_epoch,
-                                  logging_steps=a.logging_steps, eval_steps=a.eval_steps, save_steps=a.save_steps,
-                                  train_batch_size=a.train_batch_size * acc.num_processes,
+                                  logging_steps=a.interval("logging_steps", max_steps), eval_steps=a.interval("eval_steps", max_steps),
+                                  save_steps=a.interval("save_steps", max_steps),
+                                  train_batch_size=a.train_batch_size, total_train_batch_size=a.train_batch_size * ga * acc.num_processes,
                                   is_local_process_zero=acc.is_local_main_process, is_world_process_zero=acc.is_main_process)
         start_epoch, skip_steps, loop = 0, 0, {}
         if resume_from_checkpoint:
@@ -546,7 +547,7 @@ class Trainer:
             self.state = restore_training(folder, self.model, optimizer, self.lr_scheduler, scaler, tuple(self.callbacks))
             _warn_trajectory_changes(folder, a, steps_per_epoch)
             for name in ("max_steps", "num_train_epochs", "steps_per_epoch", "logging_steps", "eval_steps", "save_steps",
-                         "train_batch_size"):  # this run's plan, not the saved one's
+                         "train_batch_size", "total_train_batch_size"):  # this run's plan, not the saved one's
                 setattr(self.state, name, getattr(fresh, name))
             loop = read_loop_state(folder)
             self.state.is_local_process_zero, self.state.is_world_process_zero = acc.is_local_main_process, acc.is_main_process
@@ -655,7 +656,7 @@ class Trainer:
         runtime = time.perf_counter() - start_time
         steps_done = max(1, self.state.global_step - start_step)
         train_loss = self._total_loss / max(1, self.state.global_step if loop else steps_done)  # a resumed run: over all steps
-        metrics = {"train_runtime": round(runtime, 4), "train_samples_per_second": round(steps_done * self.state.train_batch_size / runtime, 3),
+        metrics = {"train_runtime": round(runtime, 4), "train_samples_per_second": round(steps_done * self.state.total_train_batch_size / runtime, 3),
                    "train_steps_per_second": round(steps_done / runtime, 3), "train_loss": train_loss}
         if watch is not None: metrics["train_skipped_steps"] = watch.read()[2]
         if a.load_best_model_at_end and self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint).is_dir():

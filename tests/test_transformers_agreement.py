@@ -4,7 +4,8 @@ places where a silent difference would change what a user reads or trains (each 
 - gradient accumulation weighs each micro-batch by its labelled tokens, shifted for a causal LM, and a micro-batch
   whose labels are all -100 (a prompt without its answer) adds nothing instead of making the step NaN;
 - the learning rate logged is the one the step used;
-- step-wise evaluation also scores the last step, and `logging_first_step` logs step 1 with any strategy;
+- step-wise evaluation also scores the last step, `logging_first_step` logs step 1 with any strategy, and
+  intervals below 1 (`logging_steps`, `eval_steps`, `warmup_steps`) are fractions of the run;
 - question-answering models have start and end positions as labels;
 - the evaluation loss comes from `compute_loss_func` (or a `compute_loss` override), as the training loss does.
 """
@@ -105,23 +106,27 @@ def test_a_micro_batch_without_labels_adds_nothing(tmp_path):
         assert torch.allclose(p, q, atol=1e-6), name
 
 
-def test_logged_learning_rate_is_the_one_the_step_used(tmp_path):
+@pytest.mark.parametrize("warmup", [3, 0.5], ids=["steps", "fraction"])
+def test_logged_learning_rate_is_the_one_the_step_used(tmp_path, warmup):
+    # 6 steps; warmup_steps=0.5 is half of them, as in transformers 5
     nb, hf = both(bert, classification_data(10, 1), tmp_path=tmp_path, per_device_train_batch_size=2, num_train_epochs=2,
-                  gradient_accumulation_steps=2, logging_steps=1, lr_scheduler_type="linear", warmup_steps=3)
+                  gradient_accumulation_steps=2, logging_steps=1, lr_scheduler_type="linear", warmup_steps=warmup)
     nb.train(); hf.train()
     lrs = logged(nb, "learning_rate")
-    assert lrs[0] == 0.0 and max(lrs) == pytest.approx(5e-5)  # warm-up starts at 0: the first step's own rate
+    assert len(lrs) == 6 and lrs[0] == 0.0 and lrs[3] == pytest.approx(5e-5)  # from 0 (the first step's own rate) to the peak
     assert lrs == pytest.approx(logged(hf, "learning_rate"))
 
 
-@pytest.mark.parametrize("kw, key", [
-    (dict(max_steps=7, eval_strategy="steps", eval_steps=3), "eval_loss"),
-    (dict(num_train_epochs=2, logging_strategy="epoch", logging_first_step=True), "loss")], ids=["final-eval", "first-step-log"])
-def test_when_it_evaluates_and_logs(tmp_path, kw, key):
+@pytest.mark.parametrize("kw, key, expected", [
+    (dict(max_steps=7, eval_strategy="steps", eval_steps=3), "eval_loss", [3, 6, 7]),
+    (dict(num_train_epochs=2, logging_strategy="epoch", logging_first_step=True), "loss", [1, 4, 8]),
+    (dict(max_steps=12, logging_steps=0.25), "loss", [3, 6, 9, 12]),  # a quarter of the run: every 3 steps
+    (dict(max_steps=10, eval_strategy="steps", eval_steps=0.5), "eval_loss", [5, 10])],
+    ids=["final-eval", "first-step-log", "fraction-logging", "fraction-eval"])
+def test_when_it_evaluates_and_logs(tmp_path, kw, key, expected):
     nb, hf = both(bert, classification_data(8, 1), classification_data(4, 3), tmp_path=tmp_path, per_device_train_batch_size=2, **kw)
     nb.train(); hf.train()
-    assert steps_with(nb, key) == steps_with(hf, key)
-    assert steps_with(nb, key)[-1 if key == "eval_loss" else 0] == (7 if key == "eval_loss" else 1)
+    assert steps_with(nb, key) == steps_with(hf, key) == expected
 
 
 def test_question_answering_labels_reach_compute_metrics(tmp_path):
@@ -177,3 +182,14 @@ def test_eval_loss_uses_a_compute_loss_override(tmp_path):
                   nb_cls=type("Custom", (Trainer,), {"compute_loss": compute_loss}),
                   hf_cls=type("Custom", (HFTrainer,), {"compute_loss": compute_loss}))
     assert nb.evaluate()["eval_loss"] == pytest.approx(hf.evaluate()["eval_loss"], rel=1e-5)
+
+
+def test_train_batch_size_is_one_devices_batch(tmp_path):
+    # transformers' args.train_batch_size and state.train_batch_size count one device's batch; the examples per
+    # optimizer step (batch x accumulation x processes) are nbtrain's state.total_train_batch_size
+    nb, hf = both(bert, classification_data(16, 1), tmp_path=tmp_path, per_device_train_batch_size=2,
+                  gradient_accumulation_steps=4, max_steps=2)
+    nb.train(); hf.train()
+    assert nb.args.train_batch_size == hf.args.train_batch_size == 2
+    assert nb.state.train_batch_size == hf.state.train_batch_size == 2
+    assert nb.state.total_train_batch_size == 8
