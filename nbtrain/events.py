@@ -173,8 +173,10 @@ class EarlyStoppingCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if args.eval_strategy == "no":
             raise ValueError("EarlyStoppingCallback needs evaluations; set eval_strategy='epoch' or 'steps'.")
+        if state.global_step == 0: self.patience_counter, self.best = 0, None  # a new run: a baseline evaluate() does not count
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if not any(k.startswith("eval_") for k in metrics or {}): return  # trainer.evaluate(test_ds, metric_key_prefix="test")
         value = metric_value(args, metrics or {})
         if value is None:
             raise ValueError(f"EarlyStoppingCallback watches metric_for_best_model={args.metric_for_best_model or 'loss'!r}, "

@@ -134,6 +134,7 @@ def exact_match(prediction: str, reference: str) -> float:
 def token_f1(prediction: str, reference: str) -> float:
     "F1 of the words shared by the normalised answers."
     pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    if not pred or not ref: return float(pred == ref)  # an unanswerable question (SQuAD v2): right only when both are empty
     same = sum((collections.Counter(pred) & collections.Counter(ref)).values())
     if same == 0: return 0.0
     precision, recall = same / len(pred), same / len(ref)
@@ -145,6 +146,7 @@ def squad_scores(predictions: dict[str, str], references: dict[str, list[str]]) 
     em = f1 = 0.0
     for qid, refs in references.items():
         if qid not in predictions: continue
+        refs = refs or [""]  # no answer in the context: the empty answer is the reference, as SQuAD v2 scores it
         em += max(exact_match(predictions[qid], r) for r in refs)
         f1 += max(token_f1(predictions[qid], r) for r in refs)
     return {"exact_match": em / len(references), "f1": f1 / len(references)}

@@ -90,16 +90,16 @@ _NOT_LOGITS = {"loss", "past_key_values", "hidden_states", "attentions", "cross_
                "decoder_attentions"}
 
 def split_outputs(outputs) -> tuple[torch.Tensor | None, Any]:
-    "`(loss, logits)` from any model output; logits is a tensor or a tuple of tensors."
+    "`(loss, logits)` from any model output; logits is a tensor or a tuple of tensors (scalars such as an MoE aux_loss are not)."
     if isinstance(outputs, dict):
         loss = outputs.get("loss")
-        rest = tuple(v for k, v in outputs.items() if k not in _NOT_LOGITS and isinstance(v, torch.Tensor))
+        rest = tuple(v for k, v in outputs.items() if k not in _NOT_LOGITS and isinstance(v, torch.Tensor) and v.dim() > 0)
     elif isinstance(outputs, torch.Tensor):
         return (outputs, None) if outputs.dim() == 0 else (None, outputs)
     elif isinstance(outputs, (tuple, list)) and outputs:
         first_is_loss = isinstance(outputs[0], torch.Tensor) and outputs[0].dim() == 0
         loss = outputs[0] if first_is_loss else None
-        rest = tuple(v for v in outputs[first_is_loss:] if isinstance(v, torch.Tensor))
+        rest = tuple(v for v in outputs[first_is_loss:] if isinstance(v, torch.Tensor) and v.dim() > 0)
     else: return None, None
     return loss, (rest[0] if len(rest) == 1 else rest or None)
 
@@ -309,7 +309,8 @@ class Trainer:
         self.label_names = self.args.label_names or default_label_names(model)  # QA models: start and end positions
         self.accelerator = self._make_accelerator()
         self.state, self.control = TrainerState(), TrainerControl()
-        self.last_checkpoint, self._eval_dl, self._interrupted_at = None, None, None
+        self.last_checkpoint, self._eval_dl, self._continue_from = None, None, None  # (folder, what it holds) for a plain train()
+        self._wrapped_for, self._best_unchecked = None, False
         self._watch, self._good_checkpoint = None, None  # fp16's ScalerWatch; the checkpoint to go back to after a NaN
         self._tr_loss, self._total_loss, self._logged_steps = torch.zeros(()), 0.0, 0
         defaults = [FlowCallback()]
@@ -418,15 +419,19 @@ class Trainer:
                                              "step, so the inputs (or the initial weights) hold NaN or inf values; check the data "
                                              f"({describe_batch(batch)}), or pass nan_check='off' to train anyway.")
                 if eval_dl is not None: names = {"loss"} | {k.removeprefix("eval_") for k in self._eval_once(model)}
-                if self.args.metric_for_best_model and eval_dl is not None:
-                    want = self.args.metric_for_best_model.removeprefix("eval_")
-                    if want not in names:
-                        raise ValueError(f"metric_for_best_model={self.args.metric_for_best_model!r} is never computed; the "
-                                         f"evaluation gives {sorted(names)}. Use one of those, or add it to metrics= / compute_metrics.")
+                if eval_dl is not None and not self._best_unchecked: self._check_best_metric(names)
         finally: model.train(was_training)
+
+    def _check_best_metric(self, names: set[str]):
+        "A clear error when `metric_for_best_model` is not among the evaluation's metric `names` (without `eval_`)."
+        want = self.args.metric_for_best_model
+        if want and want.removeprefix("eval_") not in names:
+            raise ValueError(f"metric_for_best_model={want!r} is never computed; the evaluation gives {sorted(names)}. "
+                             "Use one of those, or add it to metrics= / compute_metrics.")
 
     def _eval_once(self, model) -> dict:
         "Metric names from the first evaluation batch (streaming metrics and `compute_metrics`, when a best model is tracked)."
+        self._best_unchecked = False
         batch = send_to_device(self._first_eval_batch, self.accelerator.device)
         try: _, logits, labels = self._prediction_step(model, batch)
         except _PASS_THROUGH: raise
@@ -439,8 +444,9 @@ class Trainer:
             self.streaming.reset()
         if self.compute_metrics is not None and self.args.metric_for_best_model:
             acc = Accumulator(); acc.add(logits, labels)
+            # a compute_metrics that needs the whole set (references kept aside) fails on one batch: check at the first evaluation
             try: names.update(dict.fromkeys(compute_metric_values(self.compute_metrics, EvalPrediction(*acc.result()), "eval")))
-            except MetricError as e: e.args = (f"preflight, on the first eval_dataset batch: {e}",); raise
+            except MetricError: self._best_unchecked = True
         return names
 
     def _prediction_step(self, model, batch: dict):
@@ -509,9 +515,9 @@ class Trainer:
     def train(self, resume_from_checkpoint: bool | str | None = None) -> TrainOutput:
         "Train; `resume_from_checkpoint=True` (latest complete checkpoint) or a path continues a saved run exactly."
         a, acc = self.args, self.accelerator
-        if resume_from_checkpoint is None and self._interrupted_at is not None:
-            resume_from_checkpoint = self._after_interrupt()
-        self._interrupted_at = None
+        if resume_from_checkpoint is None and self._continue_from is not None:
+            resume_from_checkpoint = self._continue()
+        self._continue_from = None
         set_seed(a.seed)
         train_dl = self.get_train_dataloader()
         eval_dl = self.get_eval_dataloader() if a.eval_strategy != "no" else None
@@ -529,6 +535,7 @@ class Trainer:
         num_epochs = math.ceil(max_steps / steps_per_epoch)
         self.create_optimizer_and_scheduler(max_steps)
         model = self.model_wrapped = self._wrap_model()
+        self._wrapped_for = self.model
         optimizer, scaler = self.optimizer, acc.scaler
         params = [p for p in model.parameters() if p.requires_grad]
         self._watch = watch = ScalerWatch(scaler, acc.device) if scaler is not None else None
@@ -676,18 +683,18 @@ class Trainer:
                 self._eval_dl = None
                 raise
         saved = self.last_checkpoint is not None and self.last_checkpoint.name == f"checkpoint-{st.global_step}"
-        self._interrupted_at = self.last_checkpoint if saved else None
+        self._continue_from = (self.last_checkpoint, "the interrupted run") if saved else None
         self._fire("on_train_end", outcome="interrupted")
         self._eval_dl = None
         how = (f"Its state is saved in {self.last_checkpoint}; `trainer.train()` continues exactly from there."
                if saved else "Nothing was saved (no output_dir); `trainer.train()` would start a new run.")
         raise TrainingInterrupted(f"Training interrupted at step {st.global_step} of {st.max_steps}. {how}")
 
-    def _after_interrupt(self):
-        "What a plain `train()` does after an interrupted one: continue from its checkpoint, and say so."
-        print(f"Continuing the interrupted run from {self._interrupted_at} "
-              "(train(resume_from_checkpoint=False) starts a new run instead).")
-        return self._interrupted_at
+    def _continue(self):
+        "What a plain `train()` does after an interrupted run or `load_checkpoint`: continue from that checkpoint, and say so."
+        folder, what = self._continue_from
+        print(f"Continuing {what} from {folder} (train(resume_from_checkpoint=False) starts a new run instead).")
+        return folder
 
     def _maybe_log_save_evaluate(self, tr_loss: torch.Tensor, grad_norm, defer_save: bool = False) -> torch.Tensor:
         "Act on the flags callbacks set: the only place the loop reads values from the device."
@@ -770,7 +777,7 @@ class Trainer:
         if self.args.output_dir and st.global_step != self._saved_step: self._save(self._tr_loss)
         saved = self.last_checkpoint is not None and self.last_checkpoint.name == f"checkpoint-{st.global_step}"
         if saved:
-            self._interrupted_at = self.last_checkpoint
+            self._continue_from = (self.last_checkpoint, "the run")
             kept = (f"Its state is saved in {self.last_checkpoint}: fix the metric (e.g. trainer.compute_metrics = ...), then "
                     f"trainer.evaluate() evaluates step {st.global_step} and trainer.train() continues from there.")
         else: kept = f"The model in memory holds the weights of step {st.global_step}; trainer.evaluate() runs the metrics again."
@@ -787,12 +794,13 @@ class Trainer:
     # ---- evaluation -------------------------------------------------------------------------
     def _eval_loop(self, dataloader, prefix: str, keep: bool) -> PredictionOutput:
         acc = self.accelerator
-        model = self.model_wrapped if self.model_wrapped is not None else self.model.to(acc.device)
+        # the wrapped (DDP, compiled) model only while it still wraps self.model: a user may have put another one there
+        model = self.model_wrapped if self._wrapped_for is self.model else self.model.to(acc.device)
         was_training = model.training
         model.eval()
         self.streaming.to(acc.device).reset()
         kept = Accumulator() if keep else None
-        loss_sum, n_seen, n_loss = torch.zeros((), device=acc.device), 0, 0
+        loss_sum, n_seen, n_loss, labelled = torch.zeros((), device=acc.device), 0, 0, False
         start = time.perf_counter()
         name = {"eval": "eval_dataset", "test": "test_dataset"}.get(prefix, f"{prefix} dataset")
         where = f"evaluation at step {self.state.global_step}" if prefix == "eval" else f"{prefix} prediction"
@@ -810,6 +818,7 @@ class Trainer:
                     bs = len(next(iter(batch.values())))
                     if loss is not None: loss_sum += loss.detach().float() * bs; n_loss += bs
                     n_seen += bs
+                    labelled = labelled or labels is not None
                     if self.streaming.metrics and logits is not None and labels is not None:
                         self.streaming.update(logits, labels, gather=acc.gather_for_metrics if acc.num_processes > 1 else None)
                     if kept is not None and logits is not None:
@@ -817,9 +826,9 @@ class Trainer:
                     self._fire("on_prediction_step", eval_dataloader=dataloader)
             metrics = {}
             if n_loss: metrics[f"{prefix}_loss"] = (acc.reduce(loss_sum, "sum").item() / (n_loss * acc.num_processes))
-            metrics.update(self.streaming.compute(prefix))
+            if labelled: metrics.update(self.streaming.compute(prefix))  # a test set without labels gets predictions only
             preds, label_ids = kept.result() if kept is not None else (None, None)
-            if self.compute_metrics is not None and preds is not None:
+            if self.compute_metrics is not None and preds is not None and label_ids is not None:
                 metrics.update(compute_metric_values(self.compute_metrics, EvalPrediction(preds, label_ids), prefix))
         except MetricError as e:
             e.args = (f"{where}: {e}",)
@@ -835,6 +844,9 @@ class Trainer:
         if eval_dataset is None and self._eval_dl is not None: dl = self._eval_dl  # during train()
         else: dl = self.accelerator.prepare(self.get_eval_dataloader(eval_dataset))
         out = self._eval_loop(dl, metric_key_prefix, keep=self.compute_metrics is not None)
+        if self._best_unchecked and dl is self._eval_dl:  # the preflight could not tell: the run's first evaluation does
+            self._best_unchecked = False
+            self._check_best_metric({k.removeprefix(f"{metric_key_prefix}_") for k in out.metrics})
         self._log(out.metrics)
         self._fire("on_evaluate", metrics=out.metrics)
         return out.metrics
@@ -862,8 +874,13 @@ class Trainer:
                                        "(or fix the permissions) there, or pass another folder to save_model.") from e
 
     def load_checkpoint(self, path) -> nn.Module:
-        "Load a checkpoint's weights into this trainer's model."
-        return load_weights(self.model, resolve_checkpoint(path))
+        "Load a checkpoint into this trainer: the model's weights and the run's state; a plain `train()` then continues it exactly."
+        folder = resolve_checkpoint(path)
+        load_weights(self.model, folder)
+        if (folder / "trainer_state.json").is_file():  # a saved model (save_model) has weights only
+            self.state = TrainerState.from_json_string((folder / "trainer_state.json").read_text())
+            self._continue_from = (folder, "the loaded checkpoint")
+        return self.model
 
     @property
     def history(self):

@@ -1,0 +1,122 @@
+"""evaluate() and predict() in the situations a notebook user meets after training: another model put in the
+trainer, a test set without labels, a compute_metrics that needs the whole evaluation set, early stopping with
+evaluations outside the run, and models whose outputs hold scalars besides the loss."""
+import random
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from nbtrain import EarlyStoppingCallback, Trainer, TrainingArguments
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def quiet():
+    from transformers.utils import logging
+    logging.set_verbosity_error()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def bert(seed: int = 0):
+    from transformers import BertConfig, BertForSequenceClassification
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                    intermediate_size=32, num_labels=3))
+
+
+def data(n: int, seed: int, labels: bool = True) -> list[dict]:
+    g = random.Random(seed)
+    return [{"input_ids": [g.randrange(5, 100) for _ in range(8)], **({"labels": g.randrange(3)} if labels else {})}
+            for _ in range(n)]
+
+
+def args(tmp_path=None, **kw) -> TrainingArguments:
+    return TrainingArguments(output_dir=str(tmp_path) if tmp_path else None, disable_tqdm=True, per_device_train_batch_size=4,
+                             per_device_eval_batch_size=4, **kw)
+
+
+def accuracy(p) -> dict:
+    return {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())}
+
+
+def direct_loss(model, examples: list[dict]) -> float:
+    "The mean loss of `model` on `examples`, computed without any trainer."
+    model.eval()
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([e["input_ids"] for e in examples]), labels=torch.tensor([e["labels"] for e in examples]))
+    return out.loss.item()
+
+
+def test_evaluate_uses_the_model_the_trainer_holds_now():
+    ev = data(8, 2)
+    trainer = Trainer(bert(), args(max_steps=3), train_dataset=data(16, 1), eval_dataset=ev)
+    trainer.train()
+    other = bert(seed=5)
+    trainer.model = other  # e.g. trainer.model = load_checkpoint(path)
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(direct_loss(other, ev), rel=1e-5)
+
+
+def test_predict_without_labels_computes_no_metrics():
+    called = []
+    def compute_metrics(p):
+        called.append(p)
+        return accuracy(p)
+    from torchmetrics.classification import MulticlassAccuracy
+    trainer = Trainer(bert(), args(), compute_metrics=compute_metrics, metrics={"accuracy": MulticlassAccuracy(3)})
+    out = trainer.predict(data(10, 3, labels=False))
+    assert out.predictions.shape == (10, 3) and out.label_ids is None
+    assert called == [] and not any("accuracy" in k for k in out.metrics), out.metrics
+    labelled = trainer.predict(data(10, 3))  # the same trainer with labels: both metrics are there
+    assert {"test_accuracy"} <= labelled.metrics.keys() and len(called) == 1
+
+
+def test_compute_metrics_that_needs_the_whole_set_trains(tmp_path):
+    # references kept aside, aligned with the whole evaluation set (as QA post-processing does): one batch is not enough
+    ev = data(10, 2)
+    refs = np.array([e["labels"] for e in ev])
+    def whole_set(p):
+        if len(p.predictions) != len(refs): raise ValueError(f"{len(p.predictions)} predictions for {len(refs)} references")
+        return {"acc": float((p.predictions.argmax(-1) == refs).mean())}
+    kw = dict(num_train_epochs=1, eval_strategy="epoch", save_strategy="epoch", metric_for_best_model="acc",
+              load_best_model_at_end=True)
+    trainer = Trainer(bert(), args(tmp_path / "ok", **kw), train_dataset=data(16, 1), eval_dataset=ev, compute_metrics=whole_set)
+    trainer.train()
+    assert trainer.state.best_metric == trainer.evaluate()["eval_acc"]
+    # a misnamed metric_for_best_model is still an error, at the run's first evaluation, before any checkpoint
+    wrong = Trainer(bert(), args(tmp_path / "wrong", **{**kw, "metric_for_best_model": "accuracy"}), train_dataset=data(16, 1),
+                    eval_dataset=ev, compute_metrics=whole_set)
+    with pytest.raises(ValueError, match="metric_for_best_model='accuracy' is never computed.*'acc'"):
+        wrong.train()
+    assert not list((tmp_path / "wrong").glob("checkpoint-*"))
+
+
+def test_early_stopping_watches_only_the_runs_evaluations():
+    ev = data(8, 2)
+    es = EarlyStoppingCallback(early_stopping_patience=1)
+    trainer = Trainer(bert(), args(max_steps=12, eval_strategy="steps", eval_steps=4, learning_rate=1e-3),
+                      train_dataset=data(16, 1), eval_dataset=ev, callbacks=[es])
+    assert "test_loss" in trainer.evaluate(data(8, 4), metric_key_prefix="test")  # no error: not an evaluation of the run
+    trainer.evaluate()  # a baseline before training: its loss must not become the one to beat
+    es.best = -1.0  # ... even an unbeatable one: a new run starts afresh
+    trainer.train()
+    evals = [h["step"] for h in trainer.state.log_history if "eval_loss" in h and h["step"] > 0]
+    assert evals[:2] == [4, 8], evals  # without the reset the run would stop at its first evaluation
+
+
+def test_scalar_outputs_besides_the_loss_are_not_predictions():
+    # an MoE model with output_router_logits=True returns aux_loss, a 0-d tensor, beside the logits
+    from transformers import MixtralConfig, MixtralForCausalLM
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, num_key_value_heads=1, num_local_experts=2,
+                                             num_experts_per_tok=1, output_router_logits=True, max_position_embeddings=32))
+    g = random.Random(0)
+    ids = [[g.randrange(1, 50) for _ in range(8)] for _ in range(6)]
+    out = Trainer(model, args()).predict([{"input_ids": i, "labels": i} for i in ids])
+    assert isinstance(out.predictions, np.ndarray) and out.predictions.shape == (6, 8, 50)
+    assert np.isfinite(out.metrics["test_loss"])
