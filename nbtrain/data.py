@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader, Sampler
 # %% auto #0
 __all__ = ['LABEL_ALIASES', 'PER_TOKEN', 'DataError', 'forward_arguments', 'default_label_names', 'column_names', 'ColumnPlan',
            'collate_tensors', 'seeded_random', 'Collator', 'PaddingCollator', 'default_collator', 'trim_padding',
-           'require_examples', 'check_examples', 'preflight_batch', 'EpochSampler', 'example_lengths',
-           'make_dataloader']
+           'is_dataset_dict', 'require_examples', 'check_examples', 'preflight_batch', 'EpochSampler',
+           'example_lengths', 'make_dataloader']
 
 # %% ../nbs/01_data.ipynb #53c8b21f
 class DataError(ValueError):
@@ -191,9 +191,19 @@ def _lengths(examples: list[dict], col: str) -> set[int]:
     "Lengths of a column's values; scalars (0-d tensors included) have none."
     return {len(v) for e in examples if hasattr(v := e[col], "__len__") and not isinstance(v, str) and getattr(v, "ndim", 1) > 0}
 
+def is_dataset_dict(d) -> bool:
+    "Whether `d` is a dict of datasets (a `DatasetDict`, or names to lists of example dicts), not a dict of columns."
+    def dataset_like(v):
+        if isinstance(v, (str, bytes, dict)) or not (hasattr(v, "__getitem__") and hasattr(v, "__len__")): return False
+        return not isinstance(v, (list, tuple)) or (len(v) > 0 and isinstance(v[0], dict))
+    return isinstance(d, dict) and len(d) > 0 and all(dataset_like(v) for v in d.values())
+
 def require_examples(dataset, name: str = "train_dataset"):
     "A `DataError` unless `dataset` is an indexable, non-empty collection of examples."
     if dataset is None: raise DataError(f"{name} is None; pass a dataset to Trainer({name}=...).")
+    if is_dataset_dict(dataset):
+        raise DataError(f"{name} is a dict of datasets ({', '.join(map(repr, dataset))}); pass one of them, "
+                        f"e.g. {name}=d[{next(iter(dataset))!r}]" + (" (eval_dataset may be a dict: each is evaluated)." if name == "train_dataset" else "."))
     if isinstance(dataset, (dict, str, bytes)):
         hint = " (columns: use datasets.Dataset.from_dict(d))" if isinstance(dataset, dict) else ""
         raise DataError(f"{name} is a {type(dataset).__name__}{hint}; pass a datasets.Dataset, a torch Dataset or a list of dicts.")

@@ -28,7 +28,7 @@ from .checkpoint import (CheckpointCallback, CheckpointWriteError, load_weights,
                                 resolve_checkpoint, restore_training, save_weights)
 from .dashboard import default_progress, plot_history
 from .data import (Collator, ColumnPlan, DataError, EpochSampler, column_names, default_collator, default_label_names,
-                          make_dataloader, preflight_batch, require_examples)
+                          is_dataset_dict, make_dataloader, preflight_batch, require_examples)
 from .events import CallbackHandler, FlowCallback, TrainerControl, TrainerState
 from .metrics import Accumulator, EvalPrediction, MetricError, StreamingMetrics, compute_metric_values
 from .tracking import LogFileCallback, TrackerCallback, history_from, resolve_trackers
@@ -380,6 +380,13 @@ class Trainer:
         return make_dataloader(ds, collator, self.args.per_device_eval_batch_size, shuffle=False,
                                num_workers=self.args.dataloader_num_workers)
 
+    def _eval_loaders(self, dataset) -> dict:
+        "Prepared evaluation DataLoaders by name: `{None: loader}` for one dataset, one per entry of a dict of datasets."
+        prepare = self.accelerator.prepare
+        if is_dataset_dict(dataset):
+            return {n: prepare(self.get_eval_dataloader(ds, f"eval_dataset[{n!r}]")) for n, ds in dataset.items()}
+        return {None: prepare(self.get_eval_dataloader(dataset))}
+
     # ---- loss -------------------------------------------------------------------------------
     def compute_loss(self, model, inputs: dict, return_outputs: bool = False, num_items_in_batch=None):
         "The loss of one batch: the model's own, or `compute_loss_func(outputs, labels)`; override for custom losses."
@@ -418,7 +425,9 @@ class Trainer:
                     raise NonFiniteLossError(f"the first train_dataset batch gives a loss of {loss.item()} before any training "
                                              "step, so the inputs (or the initial weights) hold NaN or inf values; check the data "
                                              f"({describe_batch(batch)}), or pass nan_check='off' to train anyway.")
-                if eval_dl is not None: names = {"loss"} | {k.removeprefix("eval_") for k in self._eval_once(model)}
+                if eval_dl is not None:  # a dict of eval datasets gives each metric once per dataset: a_loss, b_loss, ...
+                    base = {"loss"} | {k.removeprefix("eval_") for k in self._eval_once(model)}
+                    names = {m if n is None else f"{n}_{m}" for n in eval_dl for m in base}
                 if eval_dl is not None and not self._best_unchecked: self._check_best_metric(names)
         finally: model.train(was_training)
 
@@ -520,7 +529,7 @@ class Trainer:
         self._continue_from = None
         set_seed(a.seed)
         train_dl = self.get_train_dataloader()
-        eval_dl = self.get_eval_dataloader() if a.eval_strategy != "no" else None
+        eval_dl = self._eval_loaders(self.eval_dataset) if a.eval_strategy != "no" else None  # by dataset name
         self.model = self.model.to(acc.device)
         self._preflight(self.model, send_to_device(self._first_batch, acc.device), eval_dl)
         if acc.is_main_process and not a.disable_tqdm: print(self._train_summary)
@@ -561,9 +570,8 @@ class Trainer:
             start_epoch, skip_steps = divmod(self.state.global_step, steps_per_epoch)
         self._good_checkpoint = folder if resume_from_checkpoint else None  # weights to go back to if the loss turns NaN
         self.control = TrainerControl()
-        eval_dl = acc.prepare(eval_dl) if eval_dl is not None else None
         self._eval_dl = eval_dl
-        try: self._fire("on_train_begin", train_dataloader=train_dl, eval_dataloader=eval_dl)
+        try: self._fire("on_train_begin", train_dataloader=train_dl, eval_dataloader=next(iter(eval_dl.values())) if eval_dl else None)
         except BaseException as e:  # a callback refused to start: those that did start (the dashboard's clock) end
             self._eval_dl = None
             self._fire("on_train_end", outcome="failed", error=e)
@@ -840,16 +848,19 @@ class Trainer:
         return PredictionOutput(preds, label_ids, metrics)
 
     def evaluate(self, eval_dataset=None, metric_key_prefix: str = "eval") -> dict:
-        "Evaluate on `eval_dataset` (or the trainer's): loss, streaming metrics and `compute_metrics`."
-        if eval_dataset is None and self._eval_dl is not None: dl = self._eval_dl  # during train()
-        else: dl = self.accelerator.prepare(self.get_eval_dataloader(eval_dataset))
-        out = self._eval_loop(dl, metric_key_prefix, keep=self.compute_metrics is not None)
-        if self._best_unchecked and dl is self._eval_dl:  # the preflight could not tell: the run's first evaluation does
+        "Evaluate on `eval_dataset` (or the trainer's): loss, streaming metrics and `compute_metrics`; a dict of datasets, each."
+        if eval_dataset is None and self._eval_dl is not None: loaders = self._eval_dl  # during train(): prepared once
+        else: loaders = self._eval_loaders(eval_dataset if eval_dataset is not None else self.eval_dataset)
+        metrics = {}
+        for name, dl in loaders.items():  # a dict of datasets: eval_a_loss, eval_b_loss, ... as in transformers
+            prefix = metric_key_prefix if name is None else f"{metric_key_prefix}_{name}"
+            metrics.update(self._eval_loop(dl, prefix, keep=self.compute_metrics is not None).metrics)
+        if self._best_unchecked and loaders is self._eval_dl:  # the preflight could not tell: the run's first evaluation does
             self._best_unchecked = False
-            self._check_best_metric({k.removeprefix(f"{metric_key_prefix}_") for k in out.metrics})
-        self._log(out.metrics)
-        self._fire("on_evaluate", metrics=out.metrics)
-        return out.metrics
+            self._check_best_metric({k.removeprefix(f"{metric_key_prefix}_") for k in metrics})
+        self._log(metrics)
+        self._fire("on_evaluate", metrics=metrics)
+        return metrics
 
     def predict(self, test_dataset, metric_key_prefix: str = "test") -> PredictionOutput:
         "Predictions, labels (when present) and metrics for `test_dataset`."

@@ -120,3 +120,30 @@ def test_scalar_outputs_besides_the_loss_are_not_predictions():
     out = Trainer(model, args()).predict([{"input_ids": i, "labels": i} for i in ids])
     assert isinstance(out.predictions, np.ndarray) and out.predictions.shape == (6, 8, 50)
     assert np.isfinite(out.metrics["test_loss"])
+
+
+def test_a_dict_of_eval_datasets_as_transformers(tmp_path):
+    from datasets import Dataset, DatasetDict
+    from transformers import Trainer as HFTrainer
+    from transformers import TrainingArguments as HFArgs
+    evals = {"a": data(8, 2), "b": data(6, 3)}
+    kw = dict(max_steps=4, eval_strategy="steps", eval_steps=2, per_device_train_batch_size=4, per_device_eval_batch_size=4,
+              metric_for_best_model="b_loss")
+    nb = Trainer(bert(), TrainingArguments(output_dir=str(tmp_path / "nb"), save_strategy="no", disable_tqdm=True, **kw),
+                 train_dataset=data(16, 1), eval_dataset=evals)
+    hf = HFTrainer(bert(), HFArgs(output_dir=str(tmp_path / "hf"), use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True, **kw),
+                   train_dataset=Dataset.from_list(data(16, 1)), eval_dataset=DatasetDict({k: Dataset.from_list(v) for k, v in evals.items()}))
+    nb.train(); hf.train()
+    def losses(t) -> dict:
+        "step -> (eval_a_loss, eval_b_loss), merging the log records of a step (transformers logs each dataset apart)"
+        by_step = {}
+        for h in t.state.log_history:
+            by_step.setdefault(h["step"], {}).update({k: v for k, v in h.items() if k in ("eval_a_loss", "eval_b_loss")})
+        return {st: (d["eval_a_loss"], d["eval_b_loss"]) for st, d in by_step.items() if d}
+    mine, theirs = losses(nb), losses(hf)
+    assert list(mine) == list(theirs) == [2, 4]
+    for st in mine: assert mine[st] == pytest.approx(theirs[st], rel=1e-4)
+    assert nb.state.best_metric == pytest.approx(hf.state.best_metric, rel=1e-4)
+    with pytest.raises(Exception, match=r"metric_for_best_model='loss' is never computed.*'a_loss'"):
+        Trainer(bert(), TrainingArguments(output_dir=None, disable_tqdm=True, **{**kw, "metric_for_best_model": "loss"}),
+                train_dataset=data(16, 1), eval_dataset=evals).train()
