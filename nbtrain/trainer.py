@@ -537,7 +537,8 @@ class Trainer:
         train_dl = acc.prepare_data_loader(train_dl)  # under launch: this process's shard of every global batch
         sampler = _epoch_sampler(train_dl)
         ga = a.gradient_accumulation_steps
-        shift = ga > 1 and loss_shifts_labels(self.model)
+        world = acc.num_processes
+        shift = (ga > 1 or world > 1) and loss_shifts_labels(self.model)
         batches_per_epoch = len(train_dl)
         steps_per_epoch = max(1, math.ceil(batches_per_epoch / ga))
         max_steps = a.max_steps if a.max_steps > 0 else math.ceil(a.num_train_epochs * steps_per_epoch)
@@ -582,7 +583,7 @@ class Trainer:
         self._total_loss, self._logged_steps, self._saved_step = 0.0, self.state.global_step, self.state.global_step
         if loop: tr_loss.fill_(loop["tr_loss"]); self._total_loss, self._logged_steps = loop["total_loss"], loop["logged_steps"]
         self._tr_loss = tr_loss
-        distributed = acc.num_processes > 1
+        distributed = world > 1
         data_seed = a.data_seed if a.data_seed is not None else a.seed
         autocast = acc.autocast if acc.mixed_precision != "no" else contextlib.nullcontext
         interrupt, batches = InterruptFlag(), None
@@ -613,15 +614,19 @@ class Trainer:
                             index = first + loader_position(e, update * ga + len(window) - first)
                             raise batch_error(e, f"step {epoch * steps_per_epoch + index // ga + 1} (batch {index} of epoch "
                                                  f"{epoch}, train_dataset); training stopped at step {self.state.global_step}") from e
-                        counts = _item_counts(window, self.label_names, shift) if n > 1 else None
-                        total = sum(counts) if counts else None  # items in the whole window: each micro-batch weighs its share
+                        # each micro-batch weighs its share of the labelled items of the step, over every process as in
+                        # transformers (average_tokens_across_devices): DDP averages gradients, so a share is scaled by world
+                        counts = _item_counts(window, self.label_names, shift) if n > 1 or distributed else None
+                        total = sum(counts) if counts else None
+                        if counts and distributed: total = acc.reduce(total, "sum")
                         self._fire("on_step_begin")
                         for i, batch in enumerate(window):
                             sync = contextlib.nullcontext() if not distributed or i == n - 1 else acc.no_sync(model)
                             with sync, autocast():
                                 try:
                                     loss = self.compute_loss(model, batch)
-                                    if n > 1: loss = _weigh(loss, counts[i], total) if counts else loss / n
+                                    if counts: loss = _weigh(loss, counts[i] * world, total)
+                                    elif n > 1: loss = loss / n
                                     self._backward(loss)
                                 except _PASS_THROUGH: raise
                                 except Exception as e:
