@@ -353,7 +353,8 @@ class Trainer:
         inner = self.data_collator or default_collator(self.processing_class, self.model)
         plan = ColumnPlan(column_names(dataset), self.model, self.label_names, self.args.remove_unused_columns)
         return Collator(plan, inner, name, pads=self.processing_class is not None or self.data_collator is not None,
-                        trim=self.data_collator is None)  # a collator of the user's own is left alone
+                        # training batches only: a collator of the user's own is left alone, and predictions keep the inputs' width
+                        trim=self.data_collator is None and name == "train_dataset")
 
     def _check_dataset(self, dataset, name: str, batch_size: int) -> tuple[Collator, dict]:
         require_examples(dataset, name)  # before the column plan reads dataset[0]

@@ -147,3 +147,27 @@ def test_a_dict_of_eval_datasets_as_transformers(tmp_path):
     with pytest.raises(Exception, match=r"metric_for_best_model='loss' is never computed.*'a_loss'"):
         Trainer(bert(), TrainingArguments(output_dir=None, disable_tqdm=True, **{**kw, "metric_for_best_model": "loss"}),
                 train_dataset=data(16, 1), eval_dataset=evals).train()
+
+
+def test_predictions_are_as_wide_as_the_inputs(tmp_path):
+    # a dataset tokenized with padding="max_length": training batches are cut to their longest text, but predict()
+    # returns logits as wide as the inputs, as transformers does, so they line up with the user's own columns
+    from datasets import Dataset
+    from transformers import BertConfig, BertForTokenClassification
+    from transformers import Trainer as HFTrainer
+    from transformers import TrainingArguments as HFArgs
+    torch.manual_seed(0)
+    model = BertForTokenClassification(BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                  intermediate_size=32, num_labels=3))
+    g = random.Random(0)
+    rows = []
+    for _ in range(8):
+        n = g.randrange(2, 6)  # 2-5 real tokens, padded to 12
+        rows.append({"input_ids": [g.randrange(5, 100) for _ in range(n)] + [0] * (12 - n), "attention_mask": [1] * n + [0] * (12 - n),
+                     "labels": [g.randrange(3) for _ in range(n)] + [-100] * (12 - n)})
+    mine = Trainer(model, args()).predict(rows)
+    theirs = HFTrainer(model, HFArgs(output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_eval_batch_size=4)
+                       ).predict(Dataset.from_list(rows))
+    assert mine.predictions.shape == theirs.predictions.shape == (8, 12, 3)
+    assert np.allclose(mine.predictions, theirs.predictions, atol=1e-5)
+    assert (mine.label_ids == theirs.label_ids).all()
