@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from .data import DataError
-from .metrics import IGNORE_INDEX
+from .metrics import IGNORE_INDEX, align
 
 # %% auto #0
-__all__ = ['group_texts', 'CausalLMCollator', 'Perplexity', 'generate_samples']
+__all__ = ['group_texts', 'CausalLMCollator', 'Perplexity', 'NextToken', 'generate_samples']
 
 # %% ../nbs/09c_lm.ipynb #d57e2880
 def _is_token_list(v) -> bool:
@@ -90,6 +90,28 @@ class Perplexity:
     def compute(self) -> float:
         if not int(self.tokens): raise ValueError("Perplexity: no labelled tokens were seen; do the labels hold only -100?")
         return float(torch.exp(self.nll / self.tokens))
+
+# %% ../nbs/09c_lm.ipynb #b5bd1e9a
+class NextToken:
+    "A token-level metric (e.g. torchmetrics' MulticlassAccuracy) made to score a causal LM's next-token predictions."
+    def __init__(self, metric): self.metric = metric
+
+    def prepare(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        "The logits of positions `0..n-2` and the labels of `1..n-1`, flattened, without the `-100` positions."
+        if isinstance(logits, (tuple, list)): logits = logits[0]
+        return align(logits[:, :-1], labels[:, 1:])
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor): self.metric.update(logits, labels)
+    def compute(self): return self.metric.compute()
+    def reset(self): self.metric.reset()
+
+    def to(self, device) -> "NextToken":
+        if hasattr(self.metric, "to"): self.metric.to(device)
+        return self
+
+    @property
+    def sync_on_compute(self):  # a torchmetrics metric syncs across processes itself: the Trainer must not gather for it
+        return self.metric.sync_on_compute  # AttributeError (so no such attribute) when the wrapped metric does not
 
 # %% ../nbs/09c_lm.ipynb #991f38c9
 def generate_samples(model, tokenizer, prompts: list[str], max_new_tokens: int = 20, add_special_tokens: bool = False,
