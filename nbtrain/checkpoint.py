@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .events import TrainerCallback, TrainerState, is_better, metric_value
+from .events import TrainerCallback, TrainerState
 
 # %% auto #0
 __all__ = ['PREFIX', 'MARKER', 'WEIGHTS', 'CheckpointError', 'CheckpointWriteError', 'optimizer_to_files', 'optimizer_from_files',
@@ -409,11 +409,7 @@ def read_loop_state(folder: str | Path) -> dict:
 
 # %% ../nbs/04_checkpoint.ipynb #84dbbf10
 class CheckpointCallback(TrainerCallback):
-    "Writes checkpoints on `on_save`, tracks the best one, and rotates."
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if args.metric_for_best_model and metrics and is_better(args, state, metrics):
-            state.best_metric, state.best_global_step = metric_value(args, metrics), state.global_step
-
+    "Writes checkpoints on `on_save`, names the best one (the step `FlowCallback` found best), and rotates."
     def on_save(self, args, state, control, trainer=None, **kwargs):
         if not trainer.accelerator.is_main_process: return
         if state.best_global_step == state.global_step:

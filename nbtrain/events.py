@@ -143,7 +143,10 @@ class FlowCallback(TrainerCallback):
         return control
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if args.save_strategy == "best" and metrics and is_better(args, state, metrics): control.should_save = True
+        # the best evaluation so far is kept in the state with or without checkpoints, as in transformers
+        if args.metric_for_best_model and metrics and is_better(args, state, metrics):
+            state.best_metric, state.best_global_step = metric_value(args, metrics), state.global_step
+            if args.save_strategy == "best": control.should_save = True
         return control
 
 # %% ../nbs/02_events.ipynb #e32f9871
