@@ -6,8 +6,10 @@
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import html
 import io
+import json
 import math
 import sys
 import threading
@@ -16,8 +18,8 @@ import time
 from .events import TrainerCallback
 
 # %% auto #0
-__all__ = ['format_duration', 'format_value', 'ConsoleProgress', 'metric_names', 'plot_history', 'display_mode', 'bar_html',
-           'table_rows', 'table_html', 'nice_ticks', 'svg_panel', 'history_svg', 'total_epochs', 'Progress',
+__all__ = ['format_duration', 'format_value', 'ConsoleProgress', 'metric_names', 'points', 'plot_history', 'display_mode',
+           'bar_html', 'table_rows', 'table_html', 'nice_ticks', 'svg_panel', 'history_svg', 'total_epochs', 'Progress',
            'NotebookDashboard', 'close_tree', 'relay_to', 'RelayProgress', 'default_progress']
 
 # %% ../nbs/05_dashboard.ipynb #d8db558f
@@ -42,7 +44,7 @@ def _failure(error) -> str:
 # %% ../nbs/05_dashboard.ipynb #843e6173
 class ConsoleProgress(TrainerCallback):
     "One line per logged step (training and evaluation values together) and a final summary, for terminals and logs."
-    def __init__(self, file=None): self.file, self.pending, self.training = file, None, False
+    def __init__(self, file=None): self.file, self.pending, self.training, self.start = file, None, False, None
 
     def _print(self, *a):
         print(*a, file=self.file or sys.stdout, flush=True)
@@ -64,6 +66,7 @@ class ConsoleProgress(TrainerCallback):
         if self.pending and self.pending[0] == state.global_step:  # an evaluation at a logged step: the same line
             self.pending = (state.global_step, f"{self.pending[1]} {vals}", self.pending[2]); return
         self._flush()
+        if self.start is None: self._print(f"step {state.global_step} | {vals}"); return  # evaluate() before any train()
         elapsed = time.perf_counter() - self.start
         rate = (state.global_step - self.start_step) / elapsed if elapsed > 0 else float("nan")
         eta = (state.max_steps - state.global_step) / rate if rate > 0 else float("nan")
@@ -91,15 +94,27 @@ class ConsoleProgress(TrainerCallback):
         self._print(summary)
 
 # %% ../nbs/05_dashboard.ipynb #3c0da462
-_NOT_METRICS = {"eval_loss", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second"}
-
-def metric_names(log_history: list[dict]) -> list[str]:
-    "Every `eval_*` metric in the history other than the loss and timings."
+def _eval_keys(log_history: list[dict], losses: bool) -> list[str]:
+    "The numeric `eval_*` keys of the history, timings left out: the losses (`eval_loss`, `eval_<dataset>_loss`) or the rest."
     names = []
     for h in log_history:
         for k, v in h.items():
-            if k.startswith("eval_") and k not in _NOT_METRICS and isinstance(v, (int, float)) and k not in names: names.append(k)
+            if (k.startswith("eval_") and not k.endswith(_TIMINGS) and k.endswith("_loss") == losses
+                    and isinstance(v, (int, float)) and k not in names): names.append(k)
     return names
+
+def metric_names(log_history: list[dict]) -> list[str]:
+    "Every `eval_*` metric in the history other than the losses and timings."
+    return _eval_keys(log_history, losses=False)
+
+def points(log_history: list[dict], key: str) -> list[tuple]:
+    "`(step, value)` of every finite number logged under `key`: a NaN metric (say a correlation of constant predictions) is a gap."
+    return [(h["step"], h[key]) for h in log_history if isinstance(h.get(key), (int, float)) and math.isfinite(h[key])]
+
+def _loss_series(log_history: list[dict]) -> list[tuple]:
+    "`(label, points)` of the train loss and each eval loss."
+    evals = [(k.replace("_", " "), points(log_history, k)) for k in _eval_keys(log_history, losses=True)]
+    return [("train loss", points(log_history, "loss"))] + evals
 
 def plot_history(log_history: list[dict], figsize_per_panel=(4.0, 3.0)):
     "A matplotlib `Figure` of train/eval loss and each eval metric against the step."
@@ -116,16 +131,14 @@ def plot_history(log_history: list[dict], figsize_per_panel=(4.0, 3.0)):
     # fixed margins: constrained layout would double the drawing time, which the live dashboard pays on every redraw
     fig.subplots_adjust(left=0.09 / n, right=1 - 0.02 / n, bottom=0.16, top=0.9, wspace=0.3)
     axes = fig.subplots(1, n, squeeze=False)[0]
-    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
-    evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
     ax = axes[0]
-    if train: ax.plot(*zip(*train), label="train loss")
-    if evals: ax.plot(*zip(*evals), "o-", label="eval loss")
+    series = [(label, pts) for label, pts in _loss_series(log_history) if pts]
+    for label, pts in series: ax.plot(*zip(*pts), "-" if label == "train loss" else "o-", label=label)
     ax.set_xlabel("step"); ax.set_title("loss")
-    if train or evals: ax.legend()
+    if series: ax.legend()
     for ax, name in zip(axes[1:], metrics):
-        pts = [(h["step"], h[name]) for h in log_history if name in h]
-        ax.plot(*zip(*pts), "o-", color="C2")
+        pts = points(log_history, name)
+        if pts: ax.plot(*zip(*pts), "o-", color="C2")
         ax.set_xlabel("step"); ax.set_title(name.removeprefix("eval_"))
     return fig
 
@@ -225,15 +238,15 @@ def svg_panel(series: list[tuple], title: str, x0: float = 0, width: int = 300, 
 
 def history_svg(log_history: list[dict], width: int = 300, height: int = 200, most: int = 300) -> str | None:
     "The loss and metric panels as one SVG image, drawn without matplotlib (a millisecond, a few kB)."
-    train = [(h["step"], h["loss"]) for h in log_history if isinstance(h.get("loss"), (int, float))]
-    evals = [(h["step"], h["eval_loss"]) for h in log_history if isinstance(h.get("eval_loss"), (int, float))]
-    if not train and not evals: return None
+    losses = _loss_series(log_history)
+    if not any(pts for _, pts in losses): return None
     steps = [h["step"] for h in log_history if "step" in h]
     xr = (min(steps), max(steps))  # every panel on the same steps
-    panels = [svg_panel([("train loss", "#1f77b4", train, False), ("eval loss", "#ff7f0e", evals, True)], "loss", 0, width, height,
-                        most, xr)]
+    colors = ["#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+    panels = [svg_panel([(label, colors[i % len(colors)], pts, i > 0) for i, (label, pts) in enumerate(losses)], "loss", 0, width,
+                        height, most, xr)]
     for i, name in enumerate(metric_names(log_history), 1):
-        pts = [(h["step"], h[name]) for h in log_history if isinstance(h.get(name), (int, float))]
+        pts = points(log_history, name)
         panels.append(svg_panel([(name.removeprefix("eval_"), "#2ca02c", pts, True)], name.removeprefix("eval_"), i * width, width,
                                 height, most, xr))
     w = width * len(panels)
@@ -287,8 +300,8 @@ class NotebookDashboard(TrainerCallback):
         if not state.is_world_process_zero: return
         from IPython.display import display
         self.progress, self.live, self.dirty = Progress(state), True, False
-        self.last_update = self.last_plot = 0.0
-        self.eval_start = None
+        self.last_update = self.last_plot = self.eval_update = 0.0
+        self.eval_start, self.eval_loader = None, None
         if state.global_step: self.progress.status = f"training, continuing from step {state.global_step}"
         if self.mode == "widgets":
             self.box = self._widgets(state)
@@ -371,14 +384,15 @@ class NotebookDashboard(TrainerCallback):
         "The evaluation bar, shown only for evaluations that last longer than an update interval."
         if not self.live or self.mode != "widgets": return
         p, now = self.progress, time.perf_counter()
-        if self.eval_start is None:
-            self.eval_start, p.eval_done = now, 0
-            dl = kwargs.get("eval_dataloader")
+        dl = kwargs.get("eval_dataloader")
+        if self.eval_start is None or dl is not self.eval_loader:  # a new evaluation, or the next dataset of a dict
+            self.eval_start, self.eval_loader, p.eval_done = self.eval_start or now, dl, 0
             p.eval_total = len(dl) if dl is not None and hasattr(dl, "__len__") else 0
         p.eval_done += 1
-        if now - self.eval_start < self.interval or now - self.last_update < self.interval: return
+        # its own clock: the clock thread's refreshes of the training bars must not hold the evaluation bar back
+        if now - self.eval_start < self.interval or now - self.eval_update < self.interval: return
         with self.lock:
-            self.last_update = now
+            self.eval_update = now
             if p.status != "evaluating":
                 p.status = "evaluating"
                 self.w_note.value = self._note(state)
@@ -424,9 +438,12 @@ class RelayProgress(TrainerCallback):
     "Forwards rank 0's progress events to the process that draws them."
     def __init__(self, channel, interval: float = 0.2):
         self.channel, self.interval, self.last = channel, interval, 0.0
-    def _send(self, event, state, **kw):
-        if state.is_world_process_zero: self.channel.put(("event", event, state.to_json_string(), kw))
-    def on_train_begin(self, args, state, control, **kw): self._send("on_train_begin", state)
+    def _send(self, event, state, history: bool = False, **kw):
+        "The state without its log history (the parent appends each log itself): an event's size does not grow with the run."
+        if not state.is_world_process_zero: return
+        fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if history or f.name != "log_history"}
+        self.channel.put(("event", event, json.dumps(fields), kw))
+    def on_train_begin(self, args, state, control, **kw): self._send("on_train_begin", state, history=True)
     def on_step_end(self, args, state, control, **kw):
         now = time.perf_counter()
         if now - self.last >= self.interval: self.last = now; self._send("on_step_end", state)

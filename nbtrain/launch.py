@@ -5,19 +5,23 @@
 # %% ../nbs/07_launch.ipynb #931483c6
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import queue
+import signal
 import socket
 import sys
+import time
 import traceback
+from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable
 
 import torch
 
 from .dashboard import default_progress, relay_to
 from .events import TrainerState
-from .trainer import ENV_PRECISION
+from .trainer import ENV_PRECISION, InterruptFlag, LaunchStop, TrainingInterrupted, stop_with
 
 # %% auto #0
 __all__ = ['LaunchError', 'launch']
@@ -33,7 +37,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 # %% ../nbs/07_launch.ipynb #0ea4358d
-def _child(rank: int, world: int, port: int, precision: str, channel, received, fn: Callable, args: tuple, kwargs: dict):
+def _die_with_parent(parent: int):
+    "On Linux, this child is killed when the notebook's process dies, however it dies (a kernel restart, kill -9, OOM)."
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError): return  # elsewhere a hard kill of the notebook can leave its children running
+    if os.getppid() != parent: os._exit(1)  # the parent died before the call
+
+def _modules(args: tuple, kwargs: dict) -> list:
+    "The arguments of `fn` whose trained weights come back: every `nn.Module`, positional or keyword."
+    return [a if isinstance(a, torch.nn.Module) else None for a in (*args, *kwargs.values())]
+
+def _child(rank: int, world: int, port: int, precision: str, channel, received, fn: Callable, args: tuple, kwargs: dict,
+           parent: int, stop: LaunchStop):
+    _die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the kernel interrupts the whole group: the parent says where to stop
+    stop_with(stop)
     os.environ.update({"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), ENV_PRECISION: precision})
     cpu = not torch.cuda.is_available()
@@ -49,9 +69,15 @@ def _child(rank: int, world: int, port: int, precision: str, channel, received, 
         if rank == 0:
             from safetensors.torch import save
             # bytes: nothing that needs this process alive to be read; cloned, as tied weights share memory
-            weights = [save({k: v.detach().cpu().clone().contiguous() for k, v in a.state_dict().items()})
-                       if isinstance(a, torch.nn.Module) else None for a in args]
-            channel.put(("result", rank, result, weights))
+            weights = [save({k: v.detach().cpu().clone().contiguous() for k, v in m.state_dict().items()})
+                       if m is not None else None for m in _modules(args, kwargs)]
+            message = ("result", rank, result, weights)
+            # the queue pickles in a thread of its own, where a failure is only printed and the parent would wait forever
+            try: ForkingPickler.dumps(message)
+            except Exception as e:
+                raise TypeError(f"what fn returned cannot be sent back to the notebook ({type(e).__name__}: {e}); return plain "
+                                "values, tensors or a state_dict (not a Trainer, a lambda or a tensor that requires grad)") from e
+            channel.put(message)
         else: channel.put(("done", rank))
         received.wait(timeout=60)  # tensors in `result` travel as shared memory owned by this process
     except BaseException as e:
@@ -80,34 +106,52 @@ def launch(fn: Callable, *args, num_processes: int = 2, mixed_precision: str = "
     ctx = mp.get_context("fork")  # functions defined in a notebook cannot be pickled for spawn
     channel, received = ctx.Queue(), ctx.Event()
     port = _free_port()
-    procs = [ctx.Process(target=_child, args=(r, num_processes, port, mixed_precision, channel, received, fn, args, kwargs), daemon=True)
-             for r in range(num_processes)]
+    stop_at, steps = ctx.Value("q", -1, lock=False), ctx.Array("q", num_processes, lock=False)
+    procs = [ctx.Process(target=_child, args=(r, num_processes, port, mixed_precision, channel, received, fn, args, kwargs,
+                                              os.getpid(), LaunchStop(stop_at, steps, r)), daemon=True) for r in range(num_processes)]
     for p in procs: p.start()
     progress, state, result, weights, finished = None, None, None, None, 0
+    give_up, running = None, False  # give_up: after a kernel interrupt, how long to wait for the children to stop and save
+    interrupt = InterruptFlag()  # a first interrupt is noted wherever it lands; a second one stops waiting at once
     try:
-        while finished < num_processes:
-            try: msg = channel.get(timeout=0.5)
-            except queue.Empty:
-                dead = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
-                if dead: raise LaunchError(f"rank {dead[0][0]} exited with code {dead[0][1]} without reporting an error "
-                                           "(killed, or out of memory).")
-                continue
-            kind = msg[0]
-            if kind == "event":
-                _, event, state_json, kw = msg
-                update = TrainerState.from_json_string(state_json)
-                if event == "on_train_begin": progress, state = default_progress(), update
-                else: vars(state).update(vars(update))  # in place: the dashboard's clock thread reads this object
-                if progress is not None: getattr(progress, event)(None, state, None, **kw)
-            elif kind == "error":
-                _, rank, text, tb = msg
-                raise LaunchError(f"rank {rank} of {num_processes} failed: {text}\n\n{tb}")
-            else:
-                finished += 1
-                if kind == "result": _, _, result, weights = msg
+        with interrupt.active():
+            while finished < num_processes:
+                if interrupt.requested and give_up is None:
+                    # every rank stops two steps ahead of the furthest one (one step ahead could race with a rank
+                    # finishing its step); rank 0 saves, and all report
+                    stop_at.value, give_up = max(steps[:]) + 2, time.monotonic() + 60
+                try: msg = channel.get(timeout=0.5)
+                except queue.Empty:
+                    dead = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                    if dead: raise LaunchError(f"rank {dead[0][0]} exited with code {dead[0][1]} without reporting an error "
+                                               "(killed, or out of memory).")
+                    if give_up is not None and time.monotonic() > give_up: raise KeyboardInterrupt  # fn is not training
+                    continue
+                kind = msg[0]
+                if kind == "event":
+                    _, event, state_json, kw = msg
+                    if event == "on_train_begin": progress, state = default_progress(), TrainerState.from_json_string(state_json)
+                    elif state is None: continue  # an evaluate() before train() in fn: nothing is drawn yet
+                    else:  # in place: the dashboard's clock thread reads this object; the history grows one log at a time
+                        known = {f for f in vars(state) if f != "log_history"}
+                        for k, v in json.loads(state_json).items():
+                            if k in known: setattr(state, k, v)
+                        if event == "on_log": state.log_history.append(kw["logs"])
+                    getattr(progress, event)(None, state, None, **kw)
+                    running = event != "on_train_end"
+                elif kind == "error":
+                    _, rank, text, tb = msg
+                    if text.startswith("TrainingInterrupted:"):
+                        if rank != 0: continue  # rank 0's word says what was saved
+                        raise TrainingInterrupted(text.split(": ", 1)[1] + " Under launch the Trainer lived in the child "
+                                                  "processes: launch again with train(resume_from_checkpoint=True) in fn to continue.")
+                    raise LaunchError(f"rank {rank} of {num_processes} failed: {text}\n\n{tb}")
+                else:
+                    finished += 1
+                    if kind == "result": _, _, result, weights = msg
         received.set()
     except BaseException:
-        if progress is not None and state is not None and getattr(progress, "live", True):  # the snapshot, then the error
+        if progress is not None and running:  # a run the children did not end themselves: the snapshot, then the error
             progress.on_train_end(None, state, None, outcome="failed")
         raise
     finally:
@@ -117,6 +161,6 @@ def launch(fn: Callable, *args, num_processes: int = 2, mixed_precision: str = "
             if p.is_alive(): p.kill(); p.join()
         channel.close()
     from safetensors.torch import load
-    for a, w in zip(args, weights or []):
-        if w is not None: a.load_state_dict(load(w))
+    for m, w in zip(_modules(args, kwargs), weights or []):
+        if w is not None: m.load_state_dict(load(w))
     return result

@@ -34,10 +34,10 @@ from .metrics import Accumulator, EvalPrediction, MetricError, StreamingMetrics,
 from .tracking import LogFileCallback, TrackerCallback, history_from, resolve_trackers
 
 # %% auto #0
-__all__ = ['ENV_PRECISION', 'TRAJECTORY_ARGS', 'TrainOutput', 'PredictionOutput', 'param_groups', 'make_optimizer',
-           'make_scheduler', 'split_outputs', 'loss_shifts_labels', 'TrainingInterrupted', 'InterruptFlag',
-           'NonFiniteLossError', 'describe_batch', 'batch_error', 'weights_finite', 'ScalerWatch', 'loader_position',
-           'stop_loader_workers', 'Trainer']
+__all__ = ['ENV_PRECISION', 'TRAJECTORY_ARGS', 'LAUNCH_STOP', 'TrainOutput', 'PredictionOutput', 'param_groups', 'make_optimizer',
+           'make_scheduler', 'split_outputs', 'loss_shifts_labels', 'TrainingInterrupted', 'LaunchStop', 'stop_with',
+           'InterruptFlag', 'NonFiniteLossError', 'describe_batch', 'batch_error', 'weights_finite', 'ScalerWatch',
+           'loader_position', 'stop_loader_workers', 'Trainer']
 
 # %% ../nbs/06_trainer.ipynb #54985f06
 ENV_PRECISION = "NBTRAIN_MIXED_PRECISION"  # set by `launch` in its children; the Trainer's Accelerator uses it
@@ -161,6 +161,24 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.message = message
     def _render_traceback_(self) -> list[str]: return [self.message]
 
+class LaunchStop:
+    """How `launch` stops every process at the same step after a kernel interrupt: the children ignore SIGINT, the parent
+    sets the step to stop at (`stop_at`), and each rank records the steps it has finished in `steps`."""
+    def __init__(self, stop_at, steps, rank: int): self.stop_at, self.steps, self.rank = stop_at, steps, rank
+
+    def reached(self, step: int) -> bool:
+        "Record that `step` is done; whether this rank stops here. Shared memory only: no sync, no collective."
+        self.steps[self.rank] = step
+        target = self.stop_at.value
+        return 0 <= target <= step
+
+LAUNCH_STOP: LaunchStop | None = None
+
+def stop_with(stop: LaunchStop | None):
+    "Make this process's Trainers stop where `stop` says; `launch` calls it in each child."
+    global LAUNCH_STOP
+    LAUNCH_STOP = stop
+
 class InterruptFlag:
     "While active, the first SIGINT sets `requested`; a second one raises `KeyboardInterrupt` at once."
     def __init__(self): self.requested = False
@@ -171,7 +189,8 @@ class InterruptFlag:
 
     @contextlib.contextmanager
     def active(self):
-        if threading.current_thread() is not threading.main_thread(): yield self; return  # signals reach the main thread only
+        # signals reach the main thread only; in a child of launch the parent decides when to stop (LaunchStop)
+        if threading.current_thread() is not threading.main_thread() or LAUNCH_STOP is not None: yield self; return
         previous = signal.signal(signal.SIGINT, self._handler)
         try: yield self
         finally: signal.signal(signal.SIGINT, previous)
@@ -587,7 +606,7 @@ class Trainer:
         distributed = world > 1
         data_seed = a.data_seed if a.data_seed is not None else a.seed
         autocast = acc.autocast if acc.mixed_precision != "no" else contextlib.nullcontext
-        interrupt, batches = InterruptFlag(), None
+        interrupt, batches, launched = InterruptFlag(), None, LAUNCH_STOP
         self._step_lr = self.lr_scheduler.get_last_lr()[0]
         # an interrupt that arrives during the last step changes nothing: the run ends as finished
         stop_now = lambda: interrupt.requested and self.state.global_step < max_steps
@@ -652,6 +671,7 @@ class Trainer:
                         self.state.global_step += 1
                         self.state.epoch = epoch + (update + 1) / steps_per_epoch
                         self._fire("on_step_end")
+                        if launched is not None and launched.reached(self.state.global_step): interrupt.requested = True
                         last = update == steps_per_epoch - 1 or remaining <= 0
                         # at an epoch's last step, a save waits for the epoch-end evaluation, so the checkpoint has it
                         tr_loss = self._maybe_log_save_evaluate(tr_loss, grad_norm, defer_save=last)

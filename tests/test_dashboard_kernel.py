@@ -304,3 +304,47 @@ def test_script_prints_one_line_per_log_step(tmp_path):
     assert [int(l.split()[1].split("/")[0]) for l in step_lines] == logged_steps, out  # one line per logged step
     for l in step_lines:  # at an evaluated step, the eval values are on the training line
         if int(l.split()[1].split("/")[0]) % 100 == 0: assert "loss=" in l and "eval_loss=" in l, l
+
+
+# ---------------------------------------------------------------------------------------------- e. evaluation bar, NaN metrics
+SLOW_EVAL = """
+from tiny_train import TinyNet, make_data
+from nbtrain import Trainer, TrainingArguments
+class SlowEval(TinyNet):
+    "Each evaluation batch takes 0.1 s: a 3 s evaluation, long enough for its bar."
+    def forward(self, x, labels=None):
+        if not self.training: time.sleep(0.1)
+        return super().forward(x, labels)
+args = TrainingArguments(output_dir=None, max_steps=4, per_device_train_batch_size=8, per_device_eval_batch_size=1,
+                         eval_strategy="steps", eval_steps=4, logging_steps=2, report_to="none")
+torch.manual_seed(0)
+Trainer(SlowEval(), args, train_dataset=make_data(32), eval_dataset=make_data(30)).train();
+"""
+
+
+def test_a_long_evaluation_shows_its_bar(kernel):
+    # the clock thread refreshes the training bars every 0.25 s; the evaluation bar has its own clock, or it never shows
+    _, kc, _ = kernel
+    msgs = run_cell(kc, SLOW_EVAL)
+    ok(msgs)
+    opened = [m["content"]["data"]["state"] for m in msgs if m["msg_type"] == "comm_open"]
+    bars = [s.get("description") for s in opened if s.get("_model_name", "").endswith("ProgressModel")]
+    assert "eval" in bars, bars
+    values = [m["content"]["data"].get("state", {}).get("value") for m in msgs if m["msg_type"] == "comm_msg"]
+    assert any("evaluating" in str(v) for v in values)
+
+
+NAN_METRIC = """
+trainer = make_trainer(max_steps=40, eval_steps=20, metric=False, logging_steps=10)
+trainer.compute_metrics = lambda p: {"pearson": float("nan")}  # e.g. a correlation of constant predictions
+trainer.train();
+print("NAN-RUN", trainer.state.global_step)
+"""
+
+
+def test_a_nan_metric_leaves_a_gap_not_an_error(kernel):
+    _, kc, _ = kernel
+    msgs = run_cell(kc, NAN_METRIC)
+    assert "NAN-RUN 40" in ok(msgs)
+    snapshots = [m["content"]["data"].get("text/html", "") for m in msgs if m["msg_type"] in ("display_data", "update_display_data")]
+    assert any("<svg" in s and "pearson" in s for s in snapshots), "no snapshot figure with the metric's panel"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -328,6 +329,119 @@ def test_bf16_through_launch_reaches_every_child(tmp_path):
         assert rep["autocast"] == [list(BF16)], (r, rep["autocast"])
     assert learned(ls), ls
     assert full_loss(model, data) < 0.5 * start, (start, full_loss(model, data))  # the weights that came back
+
+
+# ---------------------------------------------------------------------------------------------- 4b. what comes back, and what can go wrong
+def _train_keyword(data: list[dict], model: Regress = None):
+    trainer = Trainer(model, make_args(1, max_steps=4), train_dataset=data)
+    trainer.evaluate(data[:8])  # a baseline before training: relayed from the child before any on_train_begin
+    trainer.train()
+    return "ok"
+
+
+def test_a_model_passed_by_keyword_comes_back_trained():
+    model, data = make_model(), make_data()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert launch(_train_keyword, data, model=model, num_processes=2) == "ok"
+    assert not any(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def _return_a_lambda(model: Regress):
+    Trainer(model, make_args(1, max_steps=2), train_dataset=make_data()).train()
+    return lambda: None
+
+
+def test_a_result_that_cannot_come_back_is_an_error_not_a_hang():
+    # the queue pickles in a background thread, where a failure is only printed: the parent would wait forever
+    pids = child_pids()
+    with pytest.raises(LaunchError, match="what fn returned cannot be sent back to the notebook.*lambda"):
+        launch(_return_a_lambda, make_model(), num_processes=2)
+    assert child_pids() <= pids
+
+
+INTERRUPTED = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {tests!r})
+    from test_launch import Regress, make_args, make_data, make_model
+    from nbtrain import Trainer, launch
+    from nbtrain.trainer import TrainingInterrupted
+
+    class Announce:
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 20 and state.is_world_process_zero: print("STEP 20", flush=True)
+
+    def fn(model, out):
+        from nbtrain import TrainerCallback
+        cb = type("A", (TrainerCallback,), {{"on_step_end": Announce.on_step_end}})()
+        args = make_args(2, max_steps={steps}, output_dir=out, save_strategy="no", logging_steps=1000, learning_rate=1e-3)
+        Trainer(model, args, train_dataset=make_data(), callbacks=[cb]).train()
+        return "finished"
+
+    try: print("RESULT", launch(fn, make_model(), sys.argv[1], num_processes=2), flush=True)
+    except TrainingInterrupted as e: print("INTERRUPTED", e, flush=True)
+""")
+
+
+def test_kernel_interrupt_stops_every_rank_at_one_step_and_saves(tmp_path):
+    # Jupyter's interrupt sends SIGINT to the kernel's whole process group, children included. The ranks step in lock-step
+    # (each step's gradients are averaged), so they must all stop at the same step, or one waits forever for the others.
+    steps = 100_000 // 16  # long enough never to finish on its own
+    script = tmp_path / "run.py"
+    script.write_text(INTERRUPTED.format(tests=str(TESTS), steps=steps))
+    out = str(tmp_path / "out")
+    p = subprocess.Popen([sys.executable, str(script), out], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env=ENV, start_new_session=True)
+    seen = []
+    for line in p.stdout:
+        seen.append(line)
+        if line.startswith("STEP 20"): break
+    os.killpg(p.pid, signal.SIGINT)  # what the interrupt button does
+    rest, _ = p.communicate(timeout=120)
+    said = "".join(seen) + rest
+    assert "INTERRUPTED Training interrupted at step" in said, said[-3000:]
+    step = int(said.split("INTERRUPTED Training interrupted at step ")[1].split()[0])
+    assert (tmp_path / "out" / f"checkpoint-{step}" / "COMPLETE").is_file(), said[-3000:]
+    assert "launch again with train(resume_from_checkpoint=True)" in said
+    gone = subprocess.run(["pgrep", "-g", str(p.pid)], capture_output=True, text=True).stdout.split()
+    assert not gone, f"processes left in the group: {gone}"
+
+
+def _train_forever(model: Regress, out: str):
+    args = make_args(2, max_steps=10**7, output_dir=out, save_strategy="no", logging_steps=1)
+    Trainer(model, args, train_dataset=make_data()).train()
+
+
+KILLED = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {tests!r})
+    from test_launch import _train_forever, make_model
+    from nbtrain import launch
+    launch(_train_forever, make_model(), sys.argv[1], num_processes=2)
+""")
+
+
+def test_children_die_with_a_killed_notebook(tmp_path):
+    # the kernel killed outright (kill -9, the OOM killer): nothing in it can stop its children, so they must notice
+    script = tmp_path / "run.py"
+    script.write_text(KILLED.format(tests=str(TESTS)))
+    log = tmp_path / "out" / "log.jsonl"
+    p = subprocess.Popen([sys.executable, str(script), str(tmp_path / "out")], env=ENV, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        for _ in range(600):
+            if log.is_file() and log.stat().st_size: break
+            time.sleep(0.1)
+        children = [c.pid for c in psutil.Process(p.pid).children()]
+        assert len(children) == 2, children
+    finally:
+        os.kill(p.pid, signal.SIGKILL); p.wait()
+    alive = lambda: [c for c in children if psutil.pid_exists(c) and psutil.Process(c).status() != psutil.STATUS_ZOMBIE]
+    for _ in range(100):  # they are killed at once; give the scheduler up to 10 s on a loaded machine
+        if not alive(): break
+        time.sleep(0.1)
+    left = alive()
+    for c in left: os.kill(c, signal.SIGKILL)
+    assert not left, f"children {left} kept running after the notebook's process was killed"
 
 
 # ---------------------------------------------------------------------------------------------- 5. CUDA guard
