@@ -380,6 +380,9 @@ class NotebookDashboard(TrainerCallback):
                 self.progress.status = "training"
                 self.w_eval_row.layout.display = "none"
 
+    def on_predict(self, args, state, control, **kwargs):  # a predict() during the run (in a callback) ends its bar too
+        self.on_evaluate(args, state, control)
+
     def on_prediction_step(self, args, state, control, **kwargs):
         "The evaluation bar, shown only for evaluations that last longer than an update interval."
         if not self.live or self.mode != "widgets": return

@@ -348,3 +348,35 @@ def test_a_nan_metric_leaves_a_gap_not_an_error(kernel):
     assert "NAN-RUN 40" in ok(msgs)
     snapshots = [m["content"]["data"].get("text/html", "") for m in msgs if m["msg_type"] in ("display_data", "update_display_data")]
     assert any("<svg" in s and "pearson" in s for s in snapshots), "no snapshot figure with the metric's panel"
+
+
+PREDICT_IN_RUN = """
+from tiny_train import TinyNet, make_data
+from nbtrain import Trainer, TrainerCallback, TrainingArguments
+class SlowEval(TinyNet):
+    def forward(self, x, labels=None):
+        if not self.training: time.sleep(0.1)
+        return super().forward(x, labels)
+class PredictAt10(TrainerCallback):
+    "A predict() from a callback (a sample of outputs, say), then slow steps: the bars must go on moving after it."
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == 10: trainer.predict(make_data(10))
+        if state.global_step > 10: time.sleep(0.03)
+args = TrainingArguments(output_dir=None, max_steps=60, per_device_train_batch_size=8, per_device_eval_batch_size=1,
+                         logging_steps=20, report_to="none")
+torch.manual_seed(0)
+trainer = Trainer(SlowEval(), args, train_dataset=make_data(64), callbacks=[PredictAt10()])
+trainer.train();
+"""
+
+
+def test_a_predict_during_the_run_does_not_freeze_the_bars(kernel):
+    _, kc, _ = kernel
+    msgs = run_cell(kc, PREDICT_IN_RUN)
+    ok(msgs)
+    opened = {m["content"]["comm_id"]: m["content"]["data"]["state"] for m in msgs if m["msg_type"] == "comm_open"}
+    step_bar = next(cid for cid, st in opened.items() if st.get("description") == "step")
+    updates = [(m["content"]["comm_id"], m["content"]["data"].get("state", {})) for m in msgs if m["msg_type"] == "comm_msg"]
+    evaluating = next(i for i, (_, st) in enumerate(updates) if "evaluating" in str(st.get("value", "")))
+    later = [st["value"] for cid, st in updates[evaluating:] if cid == step_bar and "value" in st]
+    assert any(10 < v < 60 for v in later), f"the step bar did not move after the predict: {later}"
