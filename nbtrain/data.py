@@ -194,7 +194,8 @@ def _lengths(examples: list[dict], col: str) -> set[int]:
 def is_dataset_dict(d) -> bool:
     "Whether `d` is a dict of datasets (a `DatasetDict`, or names to lists of example dicts), not a dict of columns."
     def dataset_like(v):
-        if isinstance(v, (str, bytes, dict)) or not (hasattr(v, "__getitem__") and hasattr(v, "__len__")): return False
+        if isinstance(v, (str, bytes, dict, torch.Tensor, np.ndarray)) or not (hasattr(v, "__getitem__") and hasattr(v, "__len__")):
+            return False
         return not isinstance(v, (list, tuple)) or (len(v) > 0 and isinstance(v[0], dict))
     return isinstance(d, dict) and len(d) > 0 and all(dataset_like(v) for v in d.values())
 

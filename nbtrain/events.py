@@ -121,7 +121,7 @@ class CallbackHandler:
 
 # %% ../nbs/02_events.ipynb #c028a8f2
 class FlowCallback(TrainerCallback):
-    "Sets `should_log`, `should_evaluate`, `should_save` and `should_training_stop` from the arguments."
+    "Sets `should_log`, `should_evaluate`, `should_save` and `should_training_stop` from the arguments; keeps the best metric."
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
         # the state's intervals: the Trainer has turned fractions of the run into steps there

@@ -138,7 +138,7 @@ def launch(fn: Callable, *args, num_processes: int = 2, mixed_precision: str = "
                             if k in known: setattr(state, k, v)
                         if event == "on_log": state.log_history.append(kw["logs"])
                     getattr(progress, event)(None, state, None, **kw)
-                    running = event != "on_train_end"
+                    if event in ("on_train_begin", "on_train_end"): running = event == "on_train_begin"
                 elif kind == "error":
                     _, rank, text, tb = msg
                     if text.startswith("TrainingInterrupted:"):

@@ -146,7 +146,7 @@ def _pad_cat(arrays: list[np.ndarray], pad=IGNORE_INDEX) -> np.ndarray:
 def _numpy(t):
     if isinstance(t, (tuple, list)): return type(t)(_numpy(x) for x in t)
     if t.dtype == torch.bfloat16: t = t.float()
-    return t.detach().cpu().numpy()
+    return np.atleast_1d(t.detach().cpu().numpy())  # a 0-d value (a squeezed batch of one) joins the others
 
 class Accumulator:
     "Keeps predictions and labels batch by batch; `result()` concatenates them."

@@ -90,23 +90,24 @@ _NOT_LOGITS = {"loss", "past_key_values", "hidden_states", "attentions", "cross_
                "decoder_attentions"}
 
 def split_outputs(outputs) -> tuple[torch.Tensor | None, Any]:
-    "`(loss, logits)` from any model output; logits is a tensor or a tuple of tensors (scalars such as an MoE aux_loss are not)."
+    "`(loss, logits)` from any model output; logits is a tensor or a tuple of tensors (an output named `*loss` is not)."
     if isinstance(outputs, dict):
         loss = outputs.get("loss")
-        rest = tuple(v for k, v in outputs.items() if k not in _NOT_LOGITS and isinstance(v, torch.Tensor) and v.dim() > 0)
+        # an auxiliary loss (an MoE aux_loss, a z_loss) is a scalar of the batch, not a prediction per example
+        rest = tuple(v for k, v in outputs.items() if k not in _NOT_LOGITS and not k.endswith("loss") and isinstance(v, torch.Tensor))
     elif isinstance(outputs, torch.Tensor):
         return (outputs, None) if outputs.dim() == 0 else (None, outputs)
     elif isinstance(outputs, (tuple, list)) and outputs:
         first_is_loss = isinstance(outputs[0], torch.Tensor) and outputs[0].dim() == 0
         loss = outputs[0] if first_is_loss else None
-        rest = tuple(v for v in outputs[first_is_loss:] if isinstance(v, torch.Tensor) and v.dim() > 0)
+        rest = tuple(v for v in outputs[first_is_loss:] if isinstance(v, torch.Tensor))
     else: return None, None
     return loss, (rest[0] if len(rest) == 1 else rest or None)
 
 # %% ../nbs/06_trainer.ipynb #1c20c7bc
 def loss_shifts_labels(model: nn.Module) -> bool:
     "Whether the model's loss is a causal LM's, which predicts label i+1 at position i: the first label of a row is never a target."
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False): return False
+    if "transformers" not in sys.modules or getattr(getattr(model, "config", None), "is_encoder_decoder", False): return False
     try:
         from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -163,14 +164,20 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 class LaunchStop:
     """How `launch` stops every process at the same step after a kernel interrupt: the children ignore SIGINT, the parent
-    sets the step to stop at (`stop_at`), and each rank records the steps it has finished in `steps`."""
-    def __init__(self, stop_at, steps, rank: int): self.stop_at, self.steps, self.rank = stop_at, steps, rank
+    sets the point to stop at (`stop_at`), and each rank records where it is in `steps`, as `run * 2**32 + step`: `fn`
+    may call `train()` more than once, and an interrupt between two runs stops the next one at its first step."""
+    def __init__(self, stop_at, steps, rank: int): self.stop_at, self.steps, self.rank, self.run = stop_at, steps, rank, 0
+
+    def begin(self, step: int):
+        "A `train()` starts (at `step` when resumed)."
+        self.run += 1
+        self.steps[self.rank] = (self.run << 32) + step
 
     def reached(self, step: int) -> bool:
         "Record that `step` is done; whether this rank stops here. Shared memory only: no sync, no collective."
-        self.steps[self.rank] = step
+        self.steps[self.rank] = here = (self.run << 32) + step
         target = self.stop_at.value
-        return 0 <= target <= step
+        return 0 <= target <= here
 
 LAUNCH_STOP: LaunchStop | None = None
 
@@ -577,6 +584,11 @@ class Trainer:
                                   save_steps=a.interval("save_steps", max_steps),
                                   train_batch_size=a.train_batch_size, total_train_batch_size=a.train_batch_size * ga * acc.num_processes,
                                   is_local_process_zero=acc.is_local_main_process, is_world_process_zero=acc.is_main_process)
+        st = self.state
+        if a.load_best_model_at_end and a.eval_strategy == a.save_strategy == "steps" and st.save_steps % st.eval_steps:
+            raise ValueError(f"load_best_model_at_end=True needs every save to have an evaluation, but over {max_steps} steps "
+                             f"save_steps={a.save_steps} saves every {st.save_steps} steps and eval_steps={a.eval_steps} evaluates "
+                             f"every {st.eval_steps}; pass whole numbers of steps, save_steps a multiple of eval_steps.")
         start_epoch, skip_steps, loop = 0, 0, {}
         if resume_from_checkpoint:
             folder = resolve_checkpoint(a.output_dir if resume_from_checkpoint is True else resume_from_checkpoint)
@@ -607,6 +619,7 @@ class Trainer:
         data_seed = a.data_seed if a.data_seed is not None else a.seed
         autocast = acc.autocast if acc.mixed_precision != "no" else contextlib.nullcontext
         interrupt, batches, launched = InterruptFlag(), None, LAUNCH_STOP
+        if launched is not None: launched.begin(self.state.global_step)
         self._step_lr = self.lr_scheduler.get_last_lr()[0]
         # an interrupt that arrives during the last step changes nothing: the run ends as finished
         stop_now = lambda: interrupt.requested and self.state.global_step < max_steps

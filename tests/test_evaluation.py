@@ -171,3 +171,25 @@ def test_predictions_are_as_wide_as_the_inputs(tmp_path):
     assert mine.predictions.shape == theirs.predictions.shape == (8, 12, 3)
     assert np.allclose(mine.predictions, theirs.predictions, atol=1e-5)
     assert (mine.label_ids == theirs.label_ids).all()
+
+
+def test_squeezed_logits_of_a_batch_of_one_are_kept():
+    # a regression head that squeezes its output gives 0-d logits for a last batch of one example
+    class Regress(torch.nn.Module):
+        def __init__(self): super().__init__(); self.lin = torch.nn.Linear(3, 1)
+        def forward(self, x, labels=None):
+            p = self.lin(x).squeeze()
+            return {"loss": torch.nn.functional.mse_loss(p, labels), "logits": p} if labels is not None else {"logits": p}
+    rows = [{"x": [float(i), 1.0, -1.0], "labels": float(i)} for i in range(5)]
+    out = Trainer(Regress(), args()).predict(rows)  # batches of 4 and 1
+    assert out.predictions.shape == (5,) and out.label_ids.shape == (5,)
+
+
+def test_rounded_fractions_must_still_give_every_save_an_evaluation(tmp_path):
+    # on 10 steps, eval_steps=0.25 evaluates every 3 steps and save_steps=0.5 saves every 5: the best checkpoint could
+    # never be chosen among the saved ones, so the run is refused before its first step
+    trainer = Trainer(bert(), args(tmp_path, max_steps=10, eval_strategy="steps", eval_steps=0.25, save_strategy="steps",
+                                   save_steps=0.5, load_best_model_at_end=True), train_dataset=data(16, 1), eval_dataset=data(8, 2))
+    with pytest.raises(ValueError, match="saves every 5 steps and eval_steps=0.25 evaluates every 3"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and not list(tmp_path.glob("checkpoint-*"))

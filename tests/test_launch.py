@@ -406,6 +406,49 @@ def test_kernel_interrupt_stops_every_rank_at_one_step_and_saves(tmp_path):
     assert not gone, f"processes left in the group: {gone}"
 
 
+TWO_RUNS = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {tests!r})
+    from test_launch import make_args, make_data, make_model
+    from nbtrain import Trainer, TrainerCallback, launch
+    from nbtrain.trainer import TrainingInterrupted
+
+    class Second(TrainerCallback):
+        "The second run's set-up takes a while (a bigger model, a first batch from disk): the interrupt lands there."
+        def on_train_begin(self, args, state, control, **kw):
+            if state.is_world_process_zero: print("SECOND RUN BEGINS", flush=True)
+            time.sleep(2)
+
+    def fn(model, out):
+        first = make_args(2, max_steps=300, logging_steps=1000, learning_rate=1e-3)
+        Trainer(model, first, train_dataset=make_data()).train()
+        second = make_args(2, max_steps=10**6, output_dir=out, save_strategy="no", logging_steps=1000, learning_rate=1e-3)
+        Trainer(model, second, train_dataset=make_data(), callbacks=[Second()]).train()
+
+    try: launch(fn, make_model(), sys.argv[1], num_processes=2)
+    except TrainingInterrupted as e: print("INTERRUPTED", e, flush=True)
+""")
+
+
+def test_an_interrupt_between_two_runs_stops_the_second_at_its_start(tmp_path):
+    # fn trains twice; the ranks' last recorded steps are the first run's (300), which must not become the second's
+    # stopping point: it stops within its first two steps
+    script = tmp_path / "run.py"
+    script.write_text(TWO_RUNS.format(tests=str(TESTS)))
+    p = subprocess.Popen([sys.executable, str(script), str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, env=ENV, start_new_session=True)
+    seen = []
+    for line in p.stdout:
+        seen.append(line)
+        if line.startswith("SECOND RUN BEGINS"): break
+    os.killpg(p.pid, signal.SIGINT)
+    rest, _ = p.communicate(timeout=120)
+    said = "".join(seen) + rest
+    assert "INTERRUPTED Training interrupted at step" in said, said[-3000:]
+    step = int(said.split("INTERRUPTED Training interrupted at step ")[1].split()[0])
+    assert 1 <= step <= 2, said[-3000:]
+
+
 def _train_forever(model: Regress, out: str):
     args = make_args(2, max_steps=10**7, output_dir=out, save_strategy="no", logging_steps=1)
     Trainer(model, args, train_dataset=make_data()).train()
