@@ -29,7 +29,7 @@ from .checkpoint import (CheckpointCallback, CheckpointWriteError, load_weights,
 from .dashboard import default_progress, plot_history
 from .data import (Collator, ColumnPlan, DataError, EpochSampler, column_names, default_collator, default_label_names,
                           is_dataset_dict, make_dataloader, preflight_batch, require_examples)
-from .events import CallbackHandler, FlowCallback, TrainerControl, TrainerState
+from .events import CallbackHandler, EarlyStoppingCallback, FlowCallback, TrainerControl, TrainerState
 from .metrics import Accumulator, EvalPrediction, MetricError, StreamingMetrics, compute_metric_values
 from .tracking import LogFileCallback, TrackerCallback, history_from, resolve_trackers
 
@@ -456,11 +456,13 @@ class Trainer:
                     base = {"loss"} | {k.removeprefix("eval_") for k in self._eval_once(model)}
                     names = {m if n is None else f"{n}_{m}" for n in eval_dl for m in base}
                 if eval_dl is not None and not self._best_unchecked: self._check_best_metric(names)
+                if eval_dl is not None and any(isinstance(cb, EarlyStoppingCallback) for cb in self.callbacks):
+                    self._check_best_metric(names, self.args.metric_for_best_model or "loss")  # what it watches
         finally: model.train(was_training)
 
-    def _check_best_metric(self, names: set[str]):
+    def _check_best_metric(self, names: set[str], want: str | None = None):
         "A clear error when `metric_for_best_model` is not among the evaluation's metric `names` (without `eval_`)."
-        want = self.args.metric_for_best_model
+        want = want or self.args.metric_for_best_model
         if want and want.removeprefix("eval_") not in names:
             raise ValueError(f"metric_for_best_model={want!r} is never computed; the evaluation gives {sorted(names)}. "
                              "Use one of those, or add it to metrics= / compute_metrics.")

@@ -193,3 +193,13 @@ def test_rounded_fractions_must_still_give_every_save_an_evaluation(tmp_path):
     with pytest.raises(ValueError, match="saves every 5 steps and eval_steps=0.25 evaluates every 3"):
         trainer.train()
     assert trainer.state.global_step == 0 and not list(tmp_path.glob("checkpoint-*"))
+
+
+def test_early_stopping_on_a_metric_the_evaluation_lacks_fails_before_training():
+    # a dict of eval datasets names its losses a_loss and b_loss: early stopping on the default "loss" would train
+    # until the first evaluation and fail there; the preflight says so before the first step
+    trainer = Trainer(bert(), args(max_steps=20, eval_strategy="steps", eval_steps=10), train_dataset=data(16, 1),
+                      eval_dataset={"a": data(8, 2), "b": data(8, 3)}, callbacks=[EarlyStoppingCallback(2)])
+    with pytest.raises(ValueError, match=r"metric_for_best_model='loss' is never computed.*'a_loss'"):
+        trainer.train()
+    assert trainer.state.global_step == 0
