@@ -456,13 +456,12 @@ class Trainer:
                     base = {"loss"} | {k.removeprefix("eval_") for k in self._eval_once(model)}
                     names = {m if n is None else f"{n}_{m}" for n in eval_dl for m in base}
                 if eval_dl is not None and not self._best_unchecked: self._check_best_metric(names)
-                if eval_dl is not None and any(isinstance(cb, EarlyStoppingCallback) for cb in self.callbacks):
-                    self._check_best_metric(names, self.args.metric_for_best_model or "loss")  # what it watches
         finally: model.train(was_training)
 
-    def _check_best_metric(self, names: set[str], want: str | None = None):
-        "A clear error when `metric_for_best_model` is not among the evaluation's metric `names` (without `eval_`)."
-        want = want or self.args.metric_for_best_model
+    def _check_best_metric(self, names: set[str]):
+        "A clear error when the metric that picks the best model or stops early is not among the evaluation's `names`."
+        stops_early = any(isinstance(cb, EarlyStoppingCallback) for cb in self.callbacks)
+        want = self.args.metric_for_best_model or ("loss" if stops_early else None)  # what EarlyStoppingCallback watches
         if want and want.removeprefix("eval_") not in names:
             raise ValueError(f"metric_for_best_model={want!r} is never computed; the evaluation gives {sorted(names)}. "
                              "Use one of those, or add it to metrics= / compute_metrics.")
