@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ROOT / "tests"
 sys.path.insert(0, str(TESTS))
-from kernels import error, execute, running_kernel, stdout  # noqa: E402  (the tests' kernel helpers)
+from kernel_session import error, execute, running_kernel, stdout  # noqa: E402  (the tests' kernel helpers)
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
        "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg", "CUDA_VISIBLE_DEVICES": ""}
 SETUP = f"""

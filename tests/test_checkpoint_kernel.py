@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("jupyter_client")
-from kernels import error, execute, running_kernel  # noqa: E402
+from kernel_session import error, execute, running_kernel  # noqa: E402
 
 TESTS = Path(__file__).parent
 MAX_STEPS = 30

@@ -29,7 +29,7 @@ from jupyter_client.session import json_packer
 
 from nbtrain.dashboard import format_value
 
-from kernels import execute, running_kernel
+from kernel_session import execute, running_kernel
 
 TESTS = Path(__file__).resolve().parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",

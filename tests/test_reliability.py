@@ -460,7 +460,7 @@ print("RSS", json.dumps({{"rss": memory.rss, "progress": type(progress).__name__
 def test_memory_stays_flat_over_20000_steps_with_the_dashboard():
     "A 20,000-step run in a real kernel, the widget dashboard drawing it, logging every 10 steps."
     pytest.importorskip("psutil"); pytest.importorskip("ipywidgets")
-    from kernels import execute, running_kernel
+    from kernel_session import execute, running_kernel
     env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")])}
     with running_kernel(TESTS.parent, env=env) as (km, kc):
         msgs = execute(kc, MEMORY_CELL.format(tests=str(TESTS)), timeout=600)
