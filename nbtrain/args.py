@@ -5,21 +5,88 @@
 # %% ../nbs/00_args.ipynb #08d155fc
 from __future__ import annotations
 
+import ast
+import contextlib
 import dataclasses
 import difflib
+import enum
 import functools
+import importlib.util
 import json
 import math
 import numbers
 import os
+import typing
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 # %% auto #0
 __all__ = ['STRATEGIES', 'SAVE_STRATEGIES', 'SCHEDULERS', 'OPTIMIZERS', 'COMPILE_MODES', 'NAN_CHECKS', 'TrainingArguments',
-           'tracker_choices']
+           'HFField', 'transformers_fields', 'tracker_choices', 'ParallelMode', 'not_acted_on']
+
+# %% ../nbs/00_args.ipynb #b72655cb
+class HFField(NamedTuple):
+    "One field of a transformers dataclass, as its source declares it."
+    name: str
+    type: typing.Any
+    default: typing.Any
+    help: str
+
+class _Names(dict):
+    "The names an annotation may use; any other (transformers' enums of strings, its config classes) reads as `str`."
+    def __missing__(self, name): return str
+
+_TYPE_NAMES = {"str": str, "int": int, "float": float, "bool": bool, "dict": dict, "list": list, "None": None,
+               "Any": typing.Any, "Literal": typing.Literal, "Optional": typing.Optional, "Union": typing.Union}
+_UNREAD = object()  # a default that is not a literal (transformers' `default_optim`): nbtrain's own applies
+
+def _default(call: ast.Call):
+    kw = {k.arg: k.value for k in call.keywords}
+    if "default" in kw:
+        try: return ast.literal_eval(kw["default"])
+        except ValueError: return _UNREAD
+    factory = kw.get("default_factory")
+    return {"list": list, "dict": dict}[factory.id]() if isinstance(factory, ast.Name) and factory.id in ("list", "dict") else _UNREAD
+
+def _help(call: ast.Call) -> str:
+    meta = next((k.value for k in call.keywords if k.arg == "metadata"), None)
+    try: return ast.literal_eval(meta).get("help", "") if meta is not None else ""
+    except ValueError: return ""
+
+@functools.lru_cache(maxsize=None)
+def transformers_fields(module: str = "training_args", cls: str = "TrainingArguments") -> tuple[HFField, ...]:
+    "The fields of transformers' dataclass `cls` in `transformers.<module>`, read from its source without importing it."
+    spec = importlib.util.find_spec("transformers")
+    path = Path(spec.origin).parent / f"{module}.py" if spec and spec.origin else None
+    if path is None or not path.is_file(): return ()
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    body = next((n.body for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls), [])
+    fields = []
+    for n in body:
+        if not (isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)): continue
+        typ = eval(ast.unparse(n.annotation), {"__builtins__": {}}, _Names(_TYPE_NAMES))  # names and | only
+        if isinstance(n.value, ast.Call): default, text = _default(n.value), _help(n.value)
+        else:
+            try: default, text = ast.literal_eval(n.value) if n.value is not None else _UNREAD, ""
+            except ValueError: default, text = _UNREAD, ""
+        fields.append(HFField(n.target.id, typ, default, " ".join(text.split())))
+    return tuple(fields)
+
+def _fields_of(hf: tuple[HFField, ...], name: str, base: type | None = None) -> type:
+    "A dataclass of the fields `hf`, after those of `base`, to be subclassed: transformers' types, defaults and help."
+    specs = []
+    for f in hf:
+        default = None if f.default is _UNREAD else f.default
+        spec = field(default_factory=type(default)) if isinstance(default, (list, dict)) else field(default=default)
+        spec.metadata = {"help": f.help}
+        specs.append((f.name, f.type, spec))
+    cls = dataclasses.make_dataclass(name, specs, bases=(base,) if base else ())
+    cls._transformers_fields, cls._hf_fields = True, hf  # not nbtrain's: see `not_acted_on`
+    return cls
 
 # %% ../nbs/00_args.ipynb #8fc05dcc
 STRATEGIES = ("no", "steps", "epoch")
@@ -34,9 +101,19 @@ def tracker_choices() -> tuple[str, ...]:
     return ("none", "all") + tuple(LOGGER_TYPE_TO_CLASS)
 
 # %% ../nbs/00_args.ipynb #7581f969
+_TransformersFields = _fields_of(transformers_fields(), "_TransformersFields")
+
+class ParallelMode(str, enum.Enum):
+    "How the processes of a run share the work (transformers' values; a `str`, so `== 'distributed'` works too)."
+    NOT_PARALLEL = "not_parallel"
+    NOT_DISTRIBUTED = "not_distributed"
+    DISTRIBUTED = "distributed"
+
+_LOG_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50, "passive": -1}
+
 @dataclass
-class TrainingArguments:
-    "Everything that shapes a training run; names and defaults as in `transformers.TrainingArguments`."
+class TrainingArguments(_TransformersFields):
+    "Everything that shapes a training run; every field of `transformers.TrainingArguments`, names and defaults as there."
     output_dir: str | None = "trainer_output"
     num_train_epochs: float = 3.0
     max_steps: int = -1
@@ -49,21 +126,21 @@ class TrainingArguments:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
-    warmup_steps: int | float = 0  # below 1: a fraction of the run's steps, as in transformers 5
+    warmup_steps: float = 0  # below 1: a fraction of the run's steps, as in transformers 5
     warmup_ratio: float = 0.0
     lr_scheduler_type: str = "linear"
     optim: str = "adamw_torch_fused"
-    max_grad_norm: float | None = 1.0  # 0 or None: no clipping
+    max_grad_norm: float = 1.0  # 0 or None: no clipping
     nan_check: str = "log"
     eval_strategy: str = "no"
-    eval_steps: int | float | None = None  # below 1: a fraction of the run, as in transformers
+    eval_steps: float | None = None  # below 1: a fraction of the run, as in transformers
     logging_strategy: str = "steps"
-    logging_steps: int | float = 500
+    logging_steps: float = 500
     logging_first_step: bool = False
     logging_dir: str | None = None
     log_to_file: bool = True
     save_strategy: str = "steps"
-    save_steps: int | float = 500
+    save_steps: float = 500
     save_total_limit: int | None = None
     load_best_model_at_end: bool = False
     metric_for_best_model: str | None = None
@@ -72,20 +149,39 @@ class TrainingArguments:
     data_seed: int | None = None
     fp16: bool = False
     bf16: bool = False
-    report_to: str | list[str] = "none"
+    report_to: None | str | list[str] = "none"
     run_name: str | None = None
     dataloader_num_workers: int = 0
     dataloader_drop_last: bool = False
     remove_unused_columns: bool = True
     label_names: list[str] | None = None
     group_by_length: bool = False
-    disable_tqdm: bool = False
+    disable_tqdm: bool | None = False
     torch_compile: bool = False
     torch_compile_backend: str | None = None
     torch_compile_mode: str | None = None
+    # what scripts pass and read (`--do_train`, the log level, the rank); a Trainer has nothing to do with them
+    do_train: bool = False
+    do_eval: bool = False
+    do_predict: bool = False
+    resume_from_checkpoint: str | None = None
+    local_rank: int = -1
+    log_level: str = "passive"
+    log_level_replica: str = "warning"
+    log_on_each_node: bool = True
+    # evaluation, as transformers does it: a loss only, or compute_metrics called batch by batch
+    prediction_loss_only: bool = False
+    batch_eval_metrics: bool = False
+    label_smoothing_factor: float = 0.0
+    # where `trainer.push_to_hub()` uploads (nbtrain does not push during training: `push_to_hub` stays False)
+    hub_model_id: str | None = None
+    hub_token: str | None = None
+    hub_private_repo: bool | None = None
+    hub_revision: str | None = None
 
     def __post_init__(self):
         _check_values(self)
+        _check_not_acted_on(self)
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -102,12 +198,15 @@ class TrainingArguments:
         _check_choice("eval_strategy", self.eval_strategy, STRATEGIES)
         _check_choice("logging_strategy", self.logging_strategy, STRATEGIES)
         _check_choice("save_strategy", self.save_strategy, SAVE_STRATEGIES)
+        _check_choice("log_level", self.log_level, tuple(_LOG_LEVELS))
+        _check_choice("log_level_replica", self.log_level_replica, tuple(_LOG_LEVELS))
         if self.eval_strategy == "steps" and self.eval_steps is None: self.eval_steps = self.logging_steps
         if self.fp16 and self.bf16:
             raise ValueError("fp16=True and bf16=True: choose one mixed precision; bf16 is the safer choice where supported.")
         if self.fp16 and not torch.cuda.is_available():
-            raise ValueError("fp16=True needs a CUDA GPU and none is available here; use bf16=True on CPU, "
-                             "or leave both off for full precision.")
+            # transformers accepts it and trains in full precision; so does nbtrain, and says so
+            warnings.warn("fp16=True, but fp16 needs a CUDA GPU and there is none here: training runs in full precision "
+                          "(float32), as in transformers. Use bf16=True for mixed precision on the CPU.", stacklevel=4)
         if self.save_strategy == "best" and self.eval_strategy == "no":
             raise ValueError("save_strategy='best' needs evaluations to know what is best; set eval_strategy='epoch' or 'steps'.")
         if self.load_best_model_at_end:
@@ -134,6 +233,8 @@ class TrainingArguments:
         if self.torch_compile:
             self.torch_compile_backend = self.torch_compile_backend or "inductor"
             if self.torch_compile_mode is not None: _check_choice("torch_compile_mode", self.torch_compile_mode, COMPILE_MODES)
+        if self.local_rank == -1 and os.environ.get("LOCAL_RANK", "").isdigit():  # set by launch, torchrun, accelerate
+            self.local_rank = int(os.environ["LOCAL_RANK"])
 
     def interval(self, name: str, max_steps: int) -> int | None:
         "`logging_steps`, `eval_steps` or `save_steps` as a number of steps; a fraction below 1 is of `max_steps`."
@@ -147,13 +248,81 @@ class TrainingArguments:
         return math.ceil((w or self.warmup_ratio) * num_training_steps)
 
     @property
+    def mixed_precision(self) -> str:
+        "The precision that runs: 'bf16', 'fp16' (on a CUDA GPU only, as in transformers) or 'no'."
+        return "bf16" if self.bf16 else "fp16" if self.fp16 and torch.cuda.is_available() else "no"
+
+    @property
     def train_batch_size(self) -> int:
         "Examples in one batch on one device, as in transformers (the run's `TrainerState` has the total per optimizer step)."
         return self.per_device_train_batch_size
 
+    @property
+    def eval_batch_size(self) -> int:
+        "Examples in one evaluation batch on one device."
+        return self.per_device_eval_batch_size
+
+    # ---- the processes of the run, as scripts written for transformers read them ------------------------
+    @property
+    def _state(self):
+        from accelerate import PartialState  # the process group launch, torchrun or accelerate set up (or one process)
+        return PartialState()
+
+    @property
+    def process_index(self) -> int:
+        "This process's rank among all processes."
+        return self._state.process_index
+
+    @property
+    def local_process_index(self) -> int:
+        "This process's rank on its machine."
+        return self._state.local_process_index
+
+    @property
+    def world_size(self) -> int:
+        "The number of processes of the run."
+        return self._state.num_processes
+
+    @property
+    def device(self) -> torch.device:
+        "The device this process trains on."
+        return self._state.device
+
+    @property
+    def n_gpu(self) -> int:
+        "GPUs this process uses: 1 on a GPU, else 0 (nbtrain runs one process per GPU, never `DataParallel`)."
+        return int(self.device.type == "cuda")
+
+    @property
+    def parallel_mode(self) -> ParallelMode:
+        "`DISTRIBUTED` across several processes, else `NOT_PARALLEL`."
+        return ParallelMode.DISTRIBUTED if self.world_size > 1 else ParallelMode.NOT_PARALLEL
+
+    @property
+    def should_log(self) -> bool:
+        "Whether this process logs: the main process (of each machine, with `log_on_each_node`)."
+        return (self.local_process_index if self.log_on_each_node else self.process_index) == 0
+
+    @property
+    def should_save(self) -> bool:
+        "Whether this process writes checkpoints: the main process."
+        return self.process_index == 0
+
+    def get_process_log_level(self) -> int:
+        "The `logging` level for this process: `log_level` on the main process, `log_level_replica` elsewhere."
+        level = _LOG_LEVELS[self.log_level if self.should_log else self.log_level_replica]
+        if level != -1: return level
+        from transformers.utils import logging as hf_logging  # 'passive': leave transformers' verbosity as it is
+        return hf_logging.get_verbosity()
+
+    @contextlib.contextmanager
+    def main_process_first(self, local: bool = True, desc: str = "work"):
+        "Run the block on the main process (of each machine, with `local`) first, then on the others, as for `datasets.map`."
+        with (self._state.local_main_process_first() if local else self._state.main_process_first()): yield
+
     def to_dict(self) -> dict:
         "The arguments as a plain dict of JSON values."
-        return dataclasses.asdict(self)
+        return {k: v.value if isinstance(v, enum.Enum) else v for k, v in dataclasses.asdict(self).items()}
 
     def to_json_string(self) -> str:
         "The arguments as JSON, as saved beside every checkpoint."
@@ -165,6 +334,7 @@ NAN_CHECKS = ("log", "step", "off")
 def _is_int(v) -> bool: return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 def _multiple(a, b) -> bool: return (a < 1) == (b < 1) and round(a * 10**6) % round(b * 10**6) == 0
 def _is_real(v) -> bool: return isinstance(v, numbers.Real) and not isinstance(v, bool)
+def _whole(v): return int(v) if isinstance(v, float) and v >= 1 and v.is_integer() else v
 
 def _check_values(args):
     "Types and ranges of the numeric fields, and `nan_check`: each error names the field and a value that works."
@@ -179,20 +349,22 @@ def _check_values(args):
         if v is None and name in ("data_seed", "save_total_limit", "eval_accumulation_steps"): continue
         if not _is_int(v) or v < lo or (hi is not None and v > hi):
             raise ValueError(f"{name}={v!r}: must be {hint}.")
-    for name in ("logging_steps", "eval_steps", "save_steps"):
-        v = getattr(args, name)
-        if not (v is None and name == "eval_steps" or _is_int(v) and v >= 1 or _is_real(v) and 0 < v < 1):
+    for name in ("logging_steps", "eval_steps", "save_steps", "warmup_steps"):
+        v = _whole(getattr(args, name))  # a command line or JSON file gives 10.0 for 10 steps
+        setattr(args, name, v)
+        if name == "warmup_steps":
+            if not (_is_int(v) and v >= 0 or _is_real(v) and 0 <= v < 1):
+                raise ValueError(f"warmup_steps={v!r}: must be a whole number of steps (0 or more) or a fraction of the run below 1, e.g. 0.1.")
+        elif not (v is None and name == "eval_steps" or _is_int(v) and v >= 1 or _is_real(v) and 0 < v < 1):
             raise ValueError(f"{name}={v!r}: must be a positive whole number of steps, or a fraction of the run below 1 (e.g. 0.1).")
     if args.max_grad_norm is None: args.max_grad_norm = 0.0  # transformers' spelling of no clipping
-    w = args.warmup_steps
-    if not (_is_int(w) and w >= 0 or _is_real(w) and 0 <= w < 1):
-        raise ValueError(f"warmup_steps={w!r}: must be a whole number of steps (0 or more) or a fraction of the run below 1, e.g. 0.1.")
     for name, lo, hi, hint in (("num_train_epochs", None, None, "a finite number of epochs, e.g. 3"),
                                ("learning_rate", None, None, "a finite positive number, e.g. 2e-5"),
                                ("weight_decay", 0, None, "0 or more, e.g. 0.01"),
                                ("adam_beta1", 0, 1, "in [0, 1), e.g. 0.9"), ("adam_beta2", 0, 1, "in [0, 1), e.g. 0.999"),
                                ("adam_epsilon", 0, None, "0 or more, e.g. 1e-8"),
                                ("max_grad_norm", 0, None, "0 (no clipping) or more, e.g. 1.0"),
+                               ("label_smoothing_factor", 0, 1, "in [0, 1), e.g. 0.1"),
                                ("warmup_ratio", 0, None, "a fraction of the run in [0, 1]")):
         v = getattr(args, name)
         if not _is_real(v) or not math.isfinite(v) or (lo is not None and v < lo) or (hi is not None and v >= hi):
@@ -208,6 +380,36 @@ def _check_choice(name: str, value, choices: tuple):
         close = difflib.get_close_matches(str(value), choices, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}.{hint}")
+
+# %% ../nbs/00_args.ipynb #85f5f521
+_INSTEAD = {"push_to_hub": "train, then call trainer.push_to_hub()",
+            "deepspeed": "nbtrain runs DDP across processes (nbtrain.launch, or accelerate launch); use transformers.Trainer for DeepSpeed",
+            "fsdp": "nbtrain runs DDP across processes (nbtrain.launch, or accelerate launch); use transformers.Trainer for FSDP",
+            "gradient_checkpointing": "call model.gradient_checkpointing_enable() before building the Trainer",
+            "use_cpu": "nbtrain trains on the GPU when there is one; hide it with CUDA_VISIBLE_DEVICES='' to train on the CPU"}
+
+def _ours(cls: type) -> set[str]:
+    "The fields that nbtrain's classes in `cls`'s hierarchy declare: those it acts on."
+    return {n for c in cls.__mro__ if not c.__dict__.get("_transformers_fields") for n in c.__dict__.get("__annotations__", {})}
+
+def not_acted_on(cls: type | None = None) -> dict[str, typing.Any]:
+    "transformers' fields that `cls` (nbtrain's `TrainingArguments`) accepts only at their default, with that default."
+    cls = cls or TrainingArguments
+    ours = _ours(cls)
+    return {f.name: f.default for c in cls.__mro__ for f in c.__dict__.get("_hf_fields", ())
+            if f.name not in ours and f.default is not _UNREAD}
+
+def _off(v) -> bool: return v is None or (isinstance(v, (bool, str, list, dict)) and v in (False, "no", "", [], {}))
+
+def _check_not_acted_on(args):
+    "Each field nbtrain does not act on must keep transformers' default: an error names the first that does not."
+    for name, default in not_acted_on(type(args)).items():
+        v = getattr(args, name)
+        v = v.value if isinstance(v, enum.Enum) else v
+        if v != default and not (_off(v) and _off(default)):  # a parser may spell the default 'no' as False
+            raise ValueError(f"{name}={v!r}: nbtrain does not act on this option of transformers' {type(args).__name__}, so "
+                             f"it accepts only the default {default!r} (it would otherwise be ignored without a word); "
+                             f"{_INSTEAD.get(name, 'leave it out')}.")
 
 # %% ../nbs/00_args.ipynb #c0e526f1
 _RENAMED = {"evaluation_strategy": "eval_strategy"}

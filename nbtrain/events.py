@@ -119,6 +119,30 @@ class CallbackHandler:
             if isinstance(res, TrainerControl): control = res
         return control
 
+    # transformers' handler API, for subclasses that fire events themselves (`trainer_qa.py`'s
+    # `self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)`)
+    def _event(self, event: str, args, state, control, **kwargs) -> TrainerControl:
+        trainer = self.objects.get("trainer")
+        if trainer is not None:  # the objects transformers' handler passes with every event
+            kwargs = dict(model=trainer.model, optimizer=trainer.optimizer, lr_scheduler=trainer.lr_scheduler, **kwargs)
+        return self.fire(event, args, state, control, **kwargs)
+
+    def on_init_end(self, args, state, control): return self._event("on_init_end", args, state, control)
+    def on_train_begin(self, args, state, control): return self._event("on_train_begin", args, state, control)
+    def on_train_end(self, args, state, control): return self._event("on_train_end", args, state, control)
+    def on_epoch_begin(self, args, state, control): return self._event("on_epoch_begin", args, state, control)
+    def on_epoch_end(self, args, state, control): return self._event("on_epoch_end", args, state, control)
+    def on_step_begin(self, args, state, control): return self._event("on_step_begin", args, state, control)
+    def on_substep_end(self, args, state, control): return self._event("on_substep_end", args, state, control)
+    def on_pre_optimizer_step(self, args, state, control): return self._event("on_pre_optimizer_step", args, state, control)
+    def on_optimizer_step(self, args, state, control): return self._event("on_optimizer_step", args, state, control)
+    def on_step_end(self, args, state, control): return self._event("on_step_end", args, state, control)
+    def on_evaluate(self, args, state, control, metrics): return self._event("on_evaluate", args, state, control, metrics=metrics)
+    def on_predict(self, args, state, control, metrics): return self._event("on_predict", args, state, control, metrics=metrics)
+    def on_save(self, args, state, control): return self._event("on_save", args, state, control)
+    def on_log(self, args, state, control, logs): return self._event("on_log", args, state, control, logs=logs)
+    def on_prediction_step(self, args, state, control): return self._event("on_prediction_step", args, state, control)
+
 # %% ../nbs/02_events.ipynb #c028a8f2
 class FlowCallback(TrainerCallback):
     "Sets `should_log`, `should_evaluate`, `should_save` and `should_training_stop` from the arguments; keeps the best metric."

@@ -115,13 +115,13 @@ def _failed(name: str, metric, method: str, e: Exception, preds=None, target=Non
     return MetricError(f"metrics[{name!r}] ({type(metric).__name__}).{method}() raised {type(e).__name__}: {e}{given}. "
                        "Check the metric's arguments (e.g. num_classes) against the model's outputs.")
 
-def compute_metric_values(compute_metrics: Callable, prediction: EvalPrediction, prefix: str = "eval") -> dict[str, float]:
-    "Call `compute_metrics` and name its values `<prefix>_<name>`; a failure is a `MetricError` that says what went wrong."
-    try: out = compute_metrics(prediction)
+def compute_metric_values(compute_metrics: Callable, prediction: EvalPrediction, prefix: str = "eval", **kwargs) -> dict[str, float]:
+    "Call `compute_metrics` (with `kwargs`) and name its values `<prefix>_<name>`; a failure is a `MetricError` that says what went wrong."
+    try: out = compute_metrics(prediction, **kwargs)
     except Exception as e:
         raise MetricError(f"compute_metrics ({getattr(compute_metrics, '__name__', type(compute_metrics).__name__)}) raised "
                           f"{type(e).__name__}: {e}. It was given predictions {_shape(prediction.predictions)} and label_ids "
-                          f"{_shape(prediction.label_ids)} as numpy arrays.") from e
+                          f"{_shape(prediction.label_ids)}" + (" of one batch, as tensors." if kwargs else " as numpy arrays.")) from e
     if not isinstance(out, dict):
         raise MetricError(f"compute_metrics must return a dict of name -> value, got {type(out).__name__}; "
                           "return e.g. {'accuracy': 0.9}.")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .args import TrainingArguments, _checked_init
+from .args import TrainingArguments, _checked_init, _fields_of, transformers_fields
 from .metrics import IGNORE_INDEX
 from .trainer import PredictionOutput, Trainer
 
@@ -24,7 +24,8 @@ __all__ = ['Seq2SeqTrainingArguments', 'Seq2SeqTrainer', 'tokenize_13a', 'bleu_s
 # %% ../nbs/09d_seq2seq.ipynb #12512a79
 @_checked_init
 @dataclass
-class Seq2SeqTrainingArguments(TrainingArguments):
+class Seq2SeqTrainingArguments(_fields_of(transformers_fields("training_args_seq2seq", "Seq2SeqTrainingArguments"),
+                                          "_Seq2SeqFields", base=TrainingArguments)):
     "`TrainingArguments` plus transformers' generation arguments for evaluating sequence-to-sequence models."
     predict_with_generate: bool = False
     generation_max_length: int | None = None
@@ -62,16 +63,16 @@ class Seq2SeqTrainer(Trainer):
         kwargs.update(self._call_gen_kwargs)
         return kwargs
 
-    def evaluate(self, eval_dataset=None, metric_key_prefix: str = "eval", **gen_kwargs) -> dict:
+    def evaluate(self, eval_dataset=None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval", **gen_kwargs) -> dict:
         "Evaluate as `Trainer.evaluate` does; `gen_kwargs` (e.g. `num_beams=4`) go to `model.generate` for this call."
         self._call_gen_kwargs = gen_kwargs
-        try: return super().evaluate(eval_dataset, metric_key_prefix)
+        try: return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
         finally: self._call_gen_kwargs = {}
 
-    def predict(self, test_dataset, metric_key_prefix: str = "test", **gen_kwargs) -> PredictionOutput:
+    def predict(self, test_dataset, ignore_keys: list[str] | None = None, metric_key_prefix: str = "test", **gen_kwargs) -> PredictionOutput:
         "Predict as `Trainer.predict` does; with `predict_with_generate`, the predictions are generated ids."
         self._call_gen_kwargs = gen_kwargs
-        try: return super().predict(test_dataset, metric_key_prefix)
+        try: return super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
         finally: self._call_gen_kwargs = {}
 
     def _pad_token_id(self, model) -> int:
@@ -81,13 +82,13 @@ class Seq2SeqTrainer(Trainer):
         raise ValueError("padding the generated ids needs a pad token, and neither the tokenizer nor the model has one; "
                          "pass processing_class=tokenizer, or set model.config.pad_token_id.")
 
-    def _prediction_step(self, model, batch: dict):
+    def prediction_step(self, model, inputs: dict, prediction_loss_only: bool, ignore_keys: list[str] | None = None):
         "`(loss, generated ids, labels)` with `predict_with_generate`, else the `Trainer`'s `(loss, logits, labels)`."
-        if not getattr(self.args, "predict_with_generate", False): return super()._prediction_step(model, batch)
-        acc = self.accelerator
-        labels, loss = self._labels(batch), None
-        if labels is not None:
-            with acc.autocast(): loss, _ = self._eval_forward(model, batch, True)
+        if not getattr(self.args, "predict_with_generate", False) or prediction_loss_only:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        acc, batch = self.accelerator, inputs
+        labels = self._labels(batch)
+        loss = super().prediction_step(model, batch, True)[0] if labels is not None else None
         targets = set(self.label_names or ["labels"])
         inputs = {k: v for k, v in batch.items() if k not in targets and k not in _DECODER_INPUTS}
         generator = acc.unwrap_model(model)  # generate is a method of the model, not of its DDP wrapper

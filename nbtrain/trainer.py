@@ -6,7 +6,10 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import datetime
 import functools
+import json
 import math
 import os
 import signal
@@ -35,9 +38,10 @@ from .tracking import LogFileCallback, TrackerCallback, history_from, resolve_tr
 
 # %% auto #0
 __all__ = ['ENV_PRECISION', 'TRAJECTORY_ARGS', 'LAUNCH_STOP', 'TrainOutput', 'PredictionOutput', 'param_groups', 'make_optimizer',
-           'make_scheduler', 'split_outputs', 'loss_shifts_labels', 'TrainingInterrupted', 'LaunchStop', 'stop_with',
-           'InterruptFlag', 'NonFiniteLossError', 'describe_batch', 'batch_error', 'weights_finite', 'ScalerWatch',
-           'loader_position', 'stop_loader_workers', 'Trainer']
+           'make_scheduler', 'split_outputs', 'loss_shifts_labels', 'label_smoothed_loss', 'TrainingInterrupted',
+           'LaunchStop', 'stop_with', 'InterruptFlag', 'NonFiniteLossError', 'describe_batch', 'batch_error',
+           'weights_finite', 'ScalerWatch', 'loader_position', 'stop_loader_workers', 'StopRequests', 'LossWeights',
+           'EvalLoopOutput', 'format_metrics', 'model_card', 'upload_folder', 'Trainer']
 
 # %% ../nbs/06_trainer.ipynb #54985f06
 ENV_PRECISION = "NBTRAIN_MIXED_PRECISION"  # set by `launch` in its children; the Trainer's Accelerator uses it
@@ -121,6 +125,16 @@ def _item_counts(batches: list[dict], label_names: list[str], shift: bool = Fals
     key = label_names[0] if label_names else "labels"
     if not all(isinstance(b.get(key), torch.Tensor) for b in batches): return None
     return [((b[key][..., 1:] if shift and b[key].dim() > 1 else b[key]) != -100).sum() for b in batches]
+
+def label_smoothed_loss(logits: torch.Tensor, labels: torch.Tensor, epsilon: float, shift: bool = False) -> torch.Tensor:
+    "Cross-entropy with label smoothing `epsilon` over the labelled items (`-100` left out), as transformers' `label_smoothing_factor`."
+    if shift: logits, labels = logits[..., :-1, :], labels[..., 1:]
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    mask = labels != -100
+    nll = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    smooth = -logp.mean(-1)
+    n = mask.sum().clamp(min=1)
+    return (1 - epsilon) * (nll * mask).sum() / n + epsilon * (smooth * mask).sum() / n
 
 def _weigh(loss: torch.Tensor, count: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     "A micro-batch's mean loss times its share of the window's items; one without items (its mean is 0/0) adds nothing."
@@ -303,6 +317,159 @@ def stop_loader_workers(batches=None, error: BaseException | None = None):
         if hasattr(it, "_shutdown_workers"): it._shutdown_workers()
 
 # %% ../nbs/06_trainer.ipynb #ae26f92e
+class StopRequests:
+    "Every reason to end a run before its last step, asked once per step: the kernel's interrupt, `launch`'s stop, `control`."
+    def __init__(self, max_steps: int, step: int):
+        self.max_steps, self.step, self.interrupt, self.launched = max_steps, step, InterruptFlag(), LAUNCH_STOP
+        if self.launched is not None: self.launched.begin(step)
+
+    def active(self):
+        "While training: the first SIGINT asks for a stop at the next step boundary (`InterruptFlag`)."
+        return self.interrupt.active()
+
+    @property
+    def interrupted(self) -> bool:
+        "An interrupt asks the run to end; one that arrives during the last step changes nothing: the run finishes."
+        return self.interrupt.requested and self.step < self.max_steps
+
+    def after_step(self, step: int, control) -> bool:
+        "Record that `step` is done; whether the epoch's loop ends here."
+        self.step = step
+        if self.launched is not None and self.launched.reached(step): self.interrupt.requested = True
+        return control.should_epoch_stop or control.should_training_stop or self.interrupted
+
+    def after_epoch(self, control) -> bool:
+        "Whether the run ends after this epoch."
+        return control.should_training_stop or self.interrupted
+
+class LossWeights:
+    """How each micro-batch's loss counts in an optimizer step: by its share of the labelled items (tokens that are
+    not -100, or examples) of the whole step over every process, as transformers does, so that accumulation and
+    several processes train as one big batch would. One all-reduce of a count per step, across processes only."""
+    def __init__(self, accelerator, label_names: list[str], shift: bool, accumulation: int):
+        self.acc, self.label_names, self.shift, self.world = accelerator, label_names, shift, accelerator.num_processes
+        self.active, self.n = accumulation > 1 or self.world > 1, 1
+
+    def window(self, batches: list[dict]):
+        "Start a step of `batches`: its labelled items over every process (`num_items_in_batch`), or None."
+        self.n = len(batches)
+        counts = _item_counts(batches, self.label_names, self.shift) if self.active else None
+        if counts is None: return None
+        total = sum(counts)
+        return self.acc.reduce(total, "sum") if self.world > 1 else total
+
+    def weigh(self, loss: torch.Tensor, inputs: dict, num_items_in_batch) -> torch.Tensor:
+        "A micro-batch's mean loss scaled to its share of the step (DDP averages gradients, so a share is scaled by world)."
+        if num_items_in_batch is None or not torch.is_tensor(num_items_in_batch): return loss / self.n if self.n > 1 else loss
+        count = _item_counts([inputs], self.label_names, self.shift)[0]
+        return _weigh(loss, count * self.world, num_items_in_batch)
+
+class EvalLoopOutput(NamedTuple):
+    "What `evaluation_loop` returns, as in transformers."
+    predictions: Any
+    label_ids: Any
+    metrics: dict
+    num_samples: int
+
+# %% ../nbs/06_trainer.ipynb #0cf6a32e
+def _secs(secs: float) -> str: return f"{datetime.timedelta(seconds=int(secs))}.{int(abs(secs - int(secs)) * 100):02d}"
+
+def format_metrics(split: str, metrics: dict) -> str:
+    "Metrics as transformers' `log_metrics` prints them: a heading, then `name = value` lines, aligned and sorted."
+    shown = {k: _secs(v) if "_runtime" in k else f"{int(v) >> 20}MB" if "_mem_" in k else round(v, 4) if isinstance(v, float) else v
+             for k, v in metrics.items()}
+    kw, vw = max(map(len, map(str, shown)), default=0), max(map(len, map(str, shown.values())), default=0)
+    return "\n".join([f"***** {split} metrics *****"] + [f"  {k: <{kw}} = {shown[k]!s:>{vw}}" for k in sorted(shown)])
+
+_CARD_FIELDS = ("language", "license", "tags", "model_name", "finetuned_from", "tasks", "dataset_tags", "dataset", "dataset_args")
+
+def _listed(v) -> list[str]: return [] if v is None else [v] if isinstance(v, str) else list(v)
+
+def model_card(trainer, **info) -> str:
+    "A model card for `trainer`'s model: YAML metadata, what it was trained from and on, the arguments, the results."
+    a, hist = trainer.args, trainer.state.log_history
+    name = info.get("model_name") or Path(a.output_dir).absolute().name
+    base, datasets = info.get("finetuned_from"), _listed(info.get("dataset") or info.get("dataset_tags"))
+    meta = {"library_name": "transformers" if hasattr(trainer.model, "save_pretrained") else None, "license": info.get("license"),
+            "base_model": base, "language": _listed(info.get("language")) or None,
+            "tags": _listed(info.get("tags")) + ["generated_from_trainer", "nbtrain"], "datasets": datasets or None}
+    lines = ["---"]
+    for k, v in meta.items():  # JSON strings are YAML strings
+        if isinstance(v, list): lines += [f"{k}:"] + [f"- {json.dumps(x)}" for x in v]
+        elif v is not None: lines.append(f"{k}: {json.dumps(v)}")
+    lines += ["---", "", f"# {name}", "",
+              (f"This model is a fine-tuned version of [{base}](https://huggingface.co/{base})" if base else "This model was trained from scratch")
+              + (f" on the {', '.join(datasets)} dataset." if datasets else " on an unknown dataset.")]
+    evals = [h for h in hist if any(k.startswith("eval_") and k.endswith("_loss") for k in h)]
+    if evals:
+        lines += ["It achieves the following results on the evaluation set:"]
+        lines += [f"- {k.removeprefix('eval_').replace('_', ' ').capitalize()}: {v:.4f}" for k, v in evals[-1].items()
+                  if k.startswith("eval_") and isinstance(v, float) and not k.endswith(("_runtime", "_per_second"))]
+    hyper = {"learning_rate": a.learning_rate, "train_batch_size": a.per_device_train_batch_size, "eval_batch_size": a.per_device_eval_batch_size,
+             "seed": a.seed, "gradient_accumulation_steps": a.gradient_accumulation_steps, "optimizer": a.optim,
+             "lr_scheduler_type": a.lr_scheduler_type, "num_epochs": a.num_train_epochs, "training_steps": trainer.state.max_steps or None,
+             "mixed_precision_training": a.mixed_precision if a.mixed_precision != "no" else None}
+    lines += ["", "## Training procedure", "", "### Training hyperparameters", ""]
+    lines += [f"- {k}: {v}" for k, v in hyper.items() if v is not None]
+    if evals:
+        cols = [k for k in evals[-1] if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))]
+        losses = {h["step"]: h["loss"] for h in hist if "loss" in h}
+        lines += ["", "### Training results", "", "| Training Loss | Epoch | Step | " + " | ".join(c.removeprefix("eval_") for c in cols) + " |",
+                  "|" + "---|" * (3 + len(cols))]
+        lines += [f"| {losses.get(h['step'], 'No log')} | {h.get('epoch')} | {h['step']} | "
+                  + " | ".join(f"{h[c]:.4f}" if isinstance(h.get(c), float) else str(h.get(c, "")) for c in cols) + " |" for h in evals]
+    import accelerate, nbtrain
+    lines += ["", "### Framework versions", "", f"- nbtrain {nbtrain.__version__}", f"- PyTorch {torch.__version__}",
+              f"- Accelerate {accelerate.__version__}"]
+    if "transformers" in sys.modules: lines.append(f"- Transformers {sys.modules['transformers'].__version__}")
+    return "\n".join(lines) + "\n"
+
+def upload_folder(args, commit_message: str | None, token: str | None, revision: str | None) -> str:
+    "Upload `args.output_dir` (its checkpoints left out) to the Hub repository `hub_model_id`; the commit's URL."
+    from huggingface_hub import HfApi, constants
+    repo_id = args.hub_model_id or Path(args.output_dir).absolute().name
+    if constants.HF_HUB_OFFLINE:
+        raise RuntimeError(f"push_to_hub: the Hugging Face Hub is switched off here (HF_HUB_OFFLINE=1), so {args.output_dir} was "
+                           f"saved but not uploaded to {repo_id!r}. Unset HF_HUB_OFFLINE where there is a network, and call it again.")
+    api = HfApi(token=token or args.hub_token)
+    try:
+        api.create_repo(repo_id, private=args.hub_private_repo, exist_ok=True)
+        info = api.upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message=commit_message,
+                                 revision=revision or args.hub_revision, ignore_patterns=["checkpoint-*", "*.lock", "log.jsonl"])
+    except Exception as e:
+        raise RuntimeError(f"push_to_hub: uploading {args.output_dir} to {repo_id!r} failed: {type(e).__name__}: {e}. The model "
+                           "is saved there; log in (huggingface-cli login, or token=...) and check the network, then call it again.") from e
+    return getattr(info, "commit_url", str(info))
+
+# %% ../nbs/06_trainer.ipynb #75fded24
+def _user_overrides(obj, name: str) -> bool:
+    "Whether a class outside nbtrain (a user's subclass) replaces the method `name`: then only the run itself calls it."
+    return not getattr(type(obj), name).__module__.startswith("nbtrain")
+
+@dataclasses.dataclass
+class _Run:
+    "What one `train()` call works with: its plan, where it starts, and the per-step helpers."
+    train_dl: Any
+    sampler: EpochSampler | None
+    batches_per_epoch: int
+    steps_per_epoch: int
+    max_steps: int
+    num_epochs: int
+    start_epoch: int
+    skip_steps: int          # steps of the first epoch a resumed run already took
+    resumed: bool
+    data_seed: int
+    stop: StopRequests
+    start_time: float
+    start_step: int
+    batch_errors: Callable   # (epoch, i, inputs) -> a context that names a failing micro-batch
+    no_sync: Callable        # (model, i) -> DDP's no_sync but on a step's last micro-batch
+    add_loss: Callable       # (tr_loss, loss): the sum of the step losses, fp16 overflows left out
+    nan_each_step: bool
+    batches: Any = None      # this epoch's iterator
+    update: int = 0          # the step's index in its epoch
+    last_in_epoch: bool = False
+
 class Trainer:
     "Train, evaluate and predict with transformers' Trainer API, made for notebooks."
     def __init__(self, model: nn.Module | None = None, args: TrainingArguments | None = None, data_collator: Callable | None = None,
@@ -332,11 +499,15 @@ class Trainer:
         self.streaming = StreamingMetrics(metrics)
         self.optimizer, self.lr_scheduler = optimizers
         self._own_optimizer = self._own_scheduler = False  # ours are made anew for each run; a user's are kept
+        # as in transformers: a compute_loss that already divides by num_items_in_batch sets this True
+        self.loss_is_scaled_for_ga: bool | None = None
         self.label_names = self.args.label_names or default_label_names(model)  # QA models: start and end positions
         self.accelerator = self._make_accelerator()
         self.state, self.control = TrainerState(), TrainerControl()
         self.last_checkpoint, self._eval_dl, self._continue_from = None, None, None  # (folder, what it holds) for a plain train()
-        self._wrapped_for, self._best_unchecked = None, False
+        self._wrapped_for, self._best_unchecked, self._weights = None, False, None
+        # what nbtrain's own dataloaders note for the preflight; a subclass's get_*_dataloader leaves them empty
+        self._first_batch = self._first_eval_batch = self._numbered = self._train_summary = None
         self._watch, self._good_checkpoint = None, None  # fp16's ScalerWatch; the checkpoint to go back to after a NaN
         self._tr_loss, self._total_loss, self._logged_steps = torch.zeros(()), 0.0, 0
         defaults = [FlowCallback()]
@@ -350,7 +521,7 @@ class Trainer:
 
     def _make_accelerator(self) -> Accelerator:
         trackers = resolve_trackers(self.args)  # a missing tracker package is an error here, before any training
-        precision = "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "no"
+        precision = self.args.mixed_precision  # fp16 without CUDA trains in full precision, as in transformers
         launched = os.environ.get(ENV_PRECISION)  # launch(..., mixed_precision=...) in this process's parent
         if launched and launched != "no":
             if precision not in ("no", launched):
@@ -400,27 +571,48 @@ class Trainer:
         self._train_summary = collator.plan.summary("train_dataset")
         return dl
 
-    def get_eval_dataloader(self, eval_dataset=None, name: str = "eval_dataset"):
-        "A sequential DataLoader for evaluation or prediction, after the preflight check."
-        ds = eval_dataset if eval_dataset is not None else self.eval_dataset
-        collator, self._first_eval_batch = self._check_dataset(ds, name, self.args.per_device_eval_batch_size)
-        return make_dataloader(ds, collator, self.args.per_device_eval_batch_size, shuffle=False,
+    def get_eval_dataloader(self, eval_dataset=None):
+        "A sequential DataLoader for evaluation, after the preflight check; a name picks one of a dict of eval datasets."
+        if isinstance(eval_dataset, str): return self._eval_dataloader(self.eval_dataset[eval_dataset], f"eval_dataset[{eval_dataset!r}]")
+        return self._eval_dataloader(eval_dataset if eval_dataset is not None else self.eval_dataset, "eval_dataset")
+
+    def get_test_dataloader(self, test_dataset):
+        "A sequential DataLoader for prediction, after the preflight check."
+        return self._eval_dataloader(test_dataset, "test_dataset")
+
+    def _eval_dataloader(self, dataset, name: str):
+        collator, self._first_eval_batch = self._check_dataset(dataset, name, self.args.per_device_eval_batch_size)
+        return make_dataloader(dataset, collator, self.args.per_device_eval_batch_size, shuffle=False,
                                num_workers=self.args.dataloader_num_workers)
 
     def _eval_loaders(self, dataset) -> dict:
         "Prepared evaluation DataLoaders by name: `{None: loader}` for one dataset, one per entry of a dict of datasets."
         prepare = self.accelerator.prepare
         if is_dataset_dict(dataset):
-            return {n: prepare(self.get_eval_dataloader(ds, f"eval_dataset[{n!r}]")) for n, ds in dataset.items()}
+            return {n: prepare(self._eval_dataloader(ds, f"eval_dataset[{n!r}]")) for n, ds in dataset.items()}
         return {None: prepare(self.get_eval_dataloader(dataset))}
 
+    @staticmethod
+    def num_examples(dataloader) -> int:
+        "The number of examples a DataLoader serves."
+        return len(dataloader.dataset)
+
     # ---- loss -------------------------------------------------------------------------------
+    def compute_loss_context_manager(self):
+        "The context the loss is computed in: autocast under mixed precision."
+        return self.accelerator.autocast()
+
     def compute_loss(self, model, inputs: dict, return_outputs: bool = False, num_items_in_batch=None):
-        "The loss of one batch: the model's own, or `compute_loss_func(outputs, labels)`; override for custom losses."
+        "The loss of one batch: the model's own, `compute_loss_func(outputs, labels)`, or label-smoothed; override for custom losses."
         if self.compute_loss_func is not None:
             labels = inputs.pop("labels", None)
             outputs = model(**inputs)
             loss = self.compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
+        elif self.args.label_smoothing_factor > 0 and "labels" in inputs:
+            labels = inputs.pop("labels")
+            outputs = model(**inputs)
+            loss = label_smoothed_loss(split_outputs(outputs)[1], labels, self.args.label_smoothing_factor,
+                                       shift=loss_shifts_labels(self.accelerator.unwrap_model(model)))
         else:
             outputs = model(**inputs)
             loss, _ = split_outputs(outputs)
@@ -431,16 +623,45 @@ class Trainer:
                                 "or pass compute_loss_func= for a model that returns only logits.")
         return (loss, outputs) if return_outputs else loss
 
+    def training_step(self, model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
+        "Forward and backward of one micro-batch, its loss weighed by its share of the step; returns the loss, detached."
+        model.train()
+        with self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        # a loss already divided by num_items_in_batch (by compute_loss_func, or a compute_loss that says so) is not weighed again
+        scaled = self.loss_is_scaled_for_ga if self.loss_is_scaled_for_ga is not None else (
+            self.compute_loss_func is not None and num_items_in_batch is not None)
+        if not scaled: loss = self._weights.weigh(loss, inputs, num_items_in_batch)
+        self._backward(loss)
+        return loss.detach()
+
+    @property
+    def current_gradient_accumulation_steps(self) -> int:
+        "Micro-batches in the step being taken (the last step of an epoch may have fewer)."
+        return self._weights.n if self._weights is not None else self.args.gradient_accumulation_steps
+
+    def _backward(self, loss: torch.Tensor):
+        "`loss.backward()`, through the fp16 grad scaler when there is one."
+        scaler = self.accelerator.scaler
+        # Accelerate's own backward divides by its accumulation steps (1 here, we weigh the loss ourselves): one op saved
+        if scaler is not None: scaler.scale(loss).backward()
+        else: loss.backward()
+
     # ---- preflight --------------------------------------------------------------------------
     def _preflight(self, model, batch: dict, eval_dl):
         "Run the first batch through the model (eval mode, no grad) and check what the run will need."
         if not any(p.requires_grad for p in model.parameters()):
             raise ValueError(f"{type(model).__name__} has no trainable parameters (none with requires_grad=True), so there is "
                              "nothing to train; unfreeze some, e.g. for p in model.classifier.parameters(): p.requires_grad_(True).")
+        # a subclass's compute_loss or prediction_step is called by the run only, as often as transformers calls it: its
+        # errors then come from the first step, and the metric names from the first evaluation
+        if _user_overrides(self, "compute_loss") or _user_overrides(self, "prediction_step"):
+            self._best_unchecked = eval_dl is not None
+            return
         was_training = model.training
         model.eval()
         try:
-            with torch.no_grad(), self.accelerator.autocast():
+            with torch.no_grad(), self.compute_loss_context_manager():
                 try: loss, _ = self.compute_loss(model, dict(batch), return_outputs=True)
                 except DataError: raise
                 except Exception as e:
@@ -452,10 +673,10 @@ class Trainer:
                     raise NonFiniteLossError(f"the first train_dataset batch gives a loss of {loss.item()} before any training "
                                              "step, so the inputs (or the initial weights) hold NaN or inf values; check the data "
                                              f"({describe_batch(batch)}), or pass nan_check='off' to train anyway.")
-                if eval_dl is not None:  # a dict of eval datasets gives each metric once per dataset: a_loss, b_loss, ...
+                if eval_dl:  # a dict of eval datasets gives each metric once per dataset: a_loss, b_loss, ...
                     base = {"loss"} | {k.removeprefix("eval_") for k in self._eval_once(model)}
                     names = {m if n is None else f"{n}_{m}" for n in eval_dl for m in base}
-                if eval_dl is not None and not self._best_unchecked: self._check_best_metric(names)
+                if eval_dl and not self._best_unchecked: self._check_best_metric(names)
         finally: model.train(was_training)
 
     def _check_best_metric(self, names: set[str]):
@@ -468,9 +689,13 @@ class Trainer:
 
     def _eval_once(self, model) -> dict:
         "Metric names from the first evaluation batch (streaming metrics and `compute_metrics`, when a best model is tracked)."
-        self._best_unchecked = False
+        self._best_unchecked = self._first_eval_batch is None  # a subclass's eval dataloader: the first evaluation checks
+        if self._best_unchecked: return {}
         batch = send_to_device(self._first_eval_batch, self.accelerator.device)
-        try: _, logits, labels = self._prediction_step(model, batch)
+        try:
+            _, logits, labels = self.prediction_step(model, batch, prediction_loss_only=False)
+            if self.preprocess_logits_for_metrics is not None and logits is not None:
+                logits = self.preprocess_logits_for_metrics(logits, labels)
         except _PASS_THROUGH: raise
         except Exception as e: raise batch_error(e, "preflight, the first eval_dataset batch", batch, later=False) from e
         names = dict.fromkeys(self.streaming.metrics)
@@ -485,26 +710,6 @@ class Trainer:
             try: names.update(dict.fromkeys(compute_metric_values(self.compute_metrics, EvalPrediction(*acc.result()), "eval")))
             except MetricError: self._best_unchecked = True
         return names
-
-    def _prediction_step(self, model, batch: dict):
-        "`(loss, logits, labels)` of one evaluation batch, logits passed through `preprocess_logits_for_metrics`."
-        labels = self._labels(batch)
-        with self.accelerator.autocast(): loss, logits = self._eval_forward(model, batch, labels is not None)
-        if self.preprocess_logits_for_metrics is not None and logits is not None:
-            logits = self.preprocess_logits_for_metrics(logits, labels)
-        return loss, logits, labels
-
-    def _eval_forward(self, model, batch: dict, has_labels: bool):
-        "`(loss, logits)`; with labels, the loss comes from `compute_loss` when it is customised, the same loss as in training."
-        custom = self.compute_loss_func is not None or type(self).compute_loss is not Trainer.compute_loss
-        if not (custom and has_labels): return split_outputs(model(**batch))
-        loss, outputs = self.compute_loss(model, dict(batch), return_outputs=True)
-        return loss, split_outputs(outputs)[1]
-
-    def _labels(self, batch: dict):
-        names = self.label_names or ["labels"]
-        found = tuple(batch[n] for n in names if n in batch)
-        return found[0] if len(found) == 1 else (found or None)
 
     # ---- training ---------------------------------------------------------------------------
     def _wrap_model(self) -> nn.Module:
@@ -523,23 +728,25 @@ class Trainer:
             model = torch.compile(model, **plugin.to_kwargs())
         return model
 
-    def _backward(self, loss: torch.Tensor):
-        "`loss.backward()`, through the fp16 grad scaler when there is one."
-        scaler = self.accelerator.scaler
-        # Accelerate's own backward divides by its accumulation steps (1 here, we weigh the loss ourselves): one op saved
-        if scaler is not None: scaler.scale(loss).backward()
-        else: loss.backward()
+    def create_optimizer(self) -> torch.optim.Optimizer:
+        "AdamW from the arguments, unless `optimizers=` gave an optimizer."
+        if self.optimizer is None or self._own_optimizer:
+            self.optimizer, self._own_optimizer = make_optimizer(self.model, self.args), True
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        "The learning-rate schedule from the arguments, unless `optimizers=` gave a scheduler."
+        if self.lr_scheduler is None or self._own_scheduler:
+            a = self.args
+            self.lr_scheduler = make_scheduler(optimizer if optimizer is not None else self.optimizer, a.lr_scheduler_type,
+                                               a.get_warmup_steps(num_training_steps), num_training_steps)
+            self._own_scheduler = True
+        return self.lr_scheduler
 
     def create_optimizer_and_scheduler(self, num_training_steps: int):
-        "AdamW and the scheduler from the arguments, unless `optimizers=` gave them."
-        a = self.args
-        if self.optimizer is None or self._own_optimizer:
-            self.optimizer = make_optimizer(self.model, a)
-            self._own_optimizer = True
-        if self.lr_scheduler is None or self._own_scheduler:
-            self.lr_scheduler = make_scheduler(self.optimizer, a.lr_scheduler_type, a.get_warmup_steps(num_training_steps),
-                                               num_training_steps)
-            self._own_scheduler = True
+        "`create_optimizer`, then `create_scheduler` on it."
+        self.create_optimizer()
+        self.create_scheduler(num_training_steps=num_training_steps, optimizer=self.optimizer)
 
     def checkpoint_parts(self) -> dict:
         "What a checkpoint holds, for `save_checkpoint`."
@@ -549,60 +756,80 @@ class Trainer:
                     # the loss summed since the last log: a resumed run logs the same losses as an uninterrupted one
                     loop_state={"tr_loss": float(self._tr_loss), "total_loss": self._total_loss, "logged_steps": self._logged_steps})
 
-    def train(self, resume_from_checkpoint: bool | str | None = None) -> TrainOutput:
+    def train(self, resume_from_checkpoint: bool | str | None = None, trial=None, ignore_keys_for_eval: list[str] | None = None) -> TrainOutput:
         "Train; `resume_from_checkpoint=True` (latest complete checkpoint) or a path continues a saved run exactly."
+        run = self._begin_run(resume_from_checkpoint, trial, ignore_keys_for_eval)
+        model, st, stop = self.model_wrapped, self.state, run.stop
+        try:
+            with stop.active():
+                for epoch in range(run.start_epoch, run.num_epochs if st.global_step < run.max_steps else 0):
+                    self.control._new_epoch()
+                    self._fire("on_epoch_begin")
+                    for window in self._windows(run, epoch):  # a step's micro-batches
+                        num_items_in_batch = self._weights.window(window)
+                        self._fire("on_step_begin")
+                        for i, inputs in enumerate(window):
+                            with run.no_sync(model, i), run.batch_errors(epoch, i, inputs):
+                                loss = self.training_step(model, inputs, num_items_in_batch)
+                            run.add_loss(self._tr_loss, loss)
+                            if i < len(window) - 1: self._fire("on_substep_end")
+                        grad_norm = self._optimizer_step(run)
+                        st.global_step += 1
+                        st.epoch = epoch + (run.update + 1) / run.steps_per_epoch
+                        self._fire("on_step_end")
+                        # at an epoch's last step, a save waits for the epoch-end evaluation, so the checkpoint has it
+                        self._maybe_log_save_evaluate(grad_norm, defer_save=run.last_in_epoch, ignore_keys=ignore_keys_for_eval)
+                        if stop.after_step(st.global_step, self.control): break
+                    if stop.interrupted and not run.last_in_epoch: break
+                    self._fire("on_epoch_end")
+                    self._maybe_log_save_evaluate(None, ignore_keys=ignore_keys_for_eval)
+                    if stop.after_epoch(self.control): break
+        except BaseException as e:  # a failure: the progress shows where it stopped, then the error propagates
+            self._end_failed(run, e)
+            raise
+        return self._end_run(run)
+
+    def _begin_run(self, resume_from_checkpoint, trial, ignore_keys_for_eval) -> _Run:
+        "Everything before the first step: data and preflight, optimizer and schedule, state, resume position, callbacks."
+        if trial is not None: raise ValueError("trial= is for hyperparameter search, which nbtrain does not run; leave it out.")
         a, acc = self.args, self.accelerator
         if resume_from_checkpoint is None and self._continue_from is not None:
             resume_from_checkpoint = self._continue()
         self._continue_from = None
         set_seed(a.seed)
         train_dl = self.get_train_dataloader()
-        eval_dl = self._eval_loaders(self.eval_dataset) if a.eval_strategy != "no" else None  # by dataset name
+        eval_dl = None if a.eval_strategy == "no" else {} if _user_overrides(self, "get_eval_dataloader") else (
+            self._eval_loaders(self.eval_dataset))  # by dataset name; a subclass's dataloader is asked at each evaluation
+        self._best_unchecked = eval_dl == {}
         self.model = self.model.to(acc.device)
-        self._preflight(self.model, send_to_device(self._first_batch, acc.device), eval_dl)
-        if acc.is_main_process and not a.disable_tqdm: print(self._train_summary)
+        if self._first_batch is not None: self._preflight(self.model, send_to_device(self._first_batch, acc.device), eval_dl)
+        if acc.is_main_process and not a.disable_tqdm and self._train_summary: print(self._train_summary)
 
         train_dl = acc.prepare_data_loader(train_dl)  # under launch: this process's shard of every global batch
-        sampler = _epoch_sampler(train_dl)
-        ga = a.gradient_accumulation_steps
-        world = acc.num_processes
-        shift = (ga > 1 or world > 1) and loss_shifts_labels(self.model)
+        ga, world = a.gradient_accumulation_steps, acc.num_processes
         batches_per_epoch = len(train_dl)
         steps_per_epoch = max(1, math.ceil(batches_per_epoch / ga))
         max_steps = a.max_steps if a.max_steps > 0 else math.ceil(a.num_train_epochs * steps_per_epoch)
-        num_epochs = math.ceil(max_steps / steps_per_epoch)
-        self.create_optimizer_and_scheduler(max_steps)
-        model = self.model_wrapped = self._wrap_model()
+        self.create_optimizer()  # then the schedule, as transformers 5 calls them (create_optimizer_and_scheduler does both)
+        self.create_scheduler(num_training_steps=max_steps, optimizer=self.optimizer)
+        self.model_wrapped = self._wrap_model()
         self._wrapped_for = self.model
-        optimizer, scaler = self.optimizer, acc.scaler
-        params = [p for p in model.parameters() if p.requires_grad]
+        self._weights = LossWeights(acc, self.label_names, (ga > 1 or world > 1) and loss_shifts_labels(self.model), ga)
+        scaler = acc.scaler
         self._watch = watch = ScalerWatch(scaler, acc.device) if scaler is not None else None
-        # fp16: a single non-finite loss is an overflow the scaler skips, so the check waits for the log step
-        nan_each_step = a.nan_check == "step" and watch is None
-
-        self.state = TrainerState(max_steps=max_steps, num_train_epochs=num_epochs, steps_per_epoch=steps_per_epoch,
-                                  logging_steps=a.interval("logging_steps", max_steps), eval_steps=a.interval("eval_steps", max_steps),
-                                  save_steps=a.interval("save_steps", max_steps),
-                                  train_batch_size=a.train_batch_size, total_train_batch_size=a.train_batch_size * ga * acc.num_processes,
+        self.state = TrainerState(max_steps=max_steps, num_train_epochs=math.ceil(max_steps / steps_per_epoch),
+                                  steps_per_epoch=steps_per_epoch, logging_steps=a.interval("logging_steps", max_steps),
+                                  eval_steps=a.interval("eval_steps", max_steps), save_steps=a.interval("save_steps", max_steps),
+                                  train_batch_size=a.train_batch_size, total_train_batch_size=a.train_batch_size * ga * world,
                                   is_local_process_zero=acc.is_local_main_process, is_world_process_zero=acc.is_main_process)
         st = self.state
         if a.load_best_model_at_end and a.eval_strategy == a.save_strategy == "steps" and st.save_steps % st.eval_steps:
             raise ValueError(f"load_best_model_at_end=True needs every save to have an evaluation, but over {max_steps} steps "
                              f"save_steps={a.save_steps} saves every {st.save_steps} steps and eval_steps={a.eval_steps} evaluates "
                              f"every {st.eval_steps}; pass whole numbers of steps, save_steps a multiple of eval_steps.")
-        start_epoch, skip_steps, loop = 0, 0, {}
-        if resume_from_checkpoint:
-            folder = resolve_checkpoint(a.output_dir if resume_from_checkpoint is True else resume_from_checkpoint)
-            fresh = self.state
-            self.state = restore_training(folder, self.model, optimizer, self.lr_scheduler, scaler, tuple(self.callbacks))
-            _warn_trajectory_changes(folder, a, steps_per_epoch)
-            for name in ("max_steps", "num_train_epochs", "steps_per_epoch", "logging_steps", "eval_steps", "save_steps",
-                         "train_batch_size", "total_train_batch_size"):  # this run's plan, not the saved one's
-                setattr(self.state, name, getattr(fresh, name))
-            loop = read_loop_state(folder)
-            self.state.is_local_process_zero, self.state.is_world_process_zero = acc.is_local_main_process, acc.is_main_process
-            start_epoch, skip_steps = divmod(self.state.global_step, steps_per_epoch)
-        self._good_checkpoint = folder if resume_from_checkpoint else None  # weights to go back to if the loss turns NaN
+        loop, folder = self._resume(resume_from_checkpoint, steps_per_epoch) if resume_from_checkpoint else ({}, None)
+        start_epoch, skip_steps = divmod(self.state.global_step, steps_per_epoch)
+        self._good_checkpoint = folder  # weights to go back to if the loss turns NaN
         self.control = TrainerControl()
         self._eval_dl = eval_dl
         try: self._fire("on_train_begin", train_dataloader=train_dl, eval_dataloader=next(iter(eval_dl.values())) if eval_dl else None)
@@ -610,113 +837,110 @@ class Trainer:
             self._eval_dl = None
             self._fire("on_train_end", outcome="failed", error=e)
             raise
-
-        start_time, start_step = time.perf_counter(), self.state.global_step
-        tr_loss = torch.zeros((), device=acc.device)  # running sum since the last log, kept on device
+        self._tr_loss = torch.zeros((), device=acc.device)  # running sum since the last log, kept on device
         self._total_loss, self._logged_steps, self._saved_step = 0.0, self.state.global_step, self.state.global_step
-        if loop: tr_loss.fill_(loop["tr_loss"]); self._total_loss, self._logged_steps = loop["total_loss"], loop["logged_steps"]
-        self._tr_loss = tr_loss
-        distributed = world > 1
-        data_seed = a.data_seed if a.data_seed is not None else a.seed
-        autocast = acc.autocast if acc.mixed_precision != "no" else contextlib.nullcontext
-        interrupt, batches, launched = InterruptFlag(), None, LAUNCH_STOP
-        if launched is not None: launched.begin(self.state.global_step)
+        if loop: self._tr_loss.fill_(loop["tr_loss"]); self._total_loss, self._logged_steps = loop["total_loss"], loop["logged_steps"]
         self._step_lr = self.lr_scheduler.get_last_lr()[0]
-        # an interrupt that arrives during the last step changes nothing: the run ends as finished
-        stop_now = lambda: interrupt.requested and self.state.global_step < max_steps
-        model.train()
-        try:
-            with interrupt.active():
-                for epoch in range(start_epoch, num_epochs if self.state.global_step < max_steps else 0):
-                    train_dl.set_epoch(epoch)
-                    if sampler is not None and epoch == start_epoch and skip_steps:
-                        sampler.skip = skip_steps * ga * a.per_device_train_batch_size * acc.num_processes
-                    if self._numbered is not None:
-                        self._numbered.number_batches(data_seed, epoch, skip_steps * ga if epoch == start_epoch else 0, acc.process_index)
-                    batches = iter(train_dl)
-                    remaining = batches_per_epoch - (skip_steps * ga if epoch == start_epoch else 0)
-                    self.control._new_epoch()
-                    self._fire("on_epoch_begin")
-                    for update in range(skip_steps if epoch == start_epoch else 0, steps_per_epoch):
-                        n = min(ga, remaining); remaining -= n
-                        if n <= 0: break
-                        window = []
-                        try:
-                            for _ in range(n): window.append(next(batches))
-                        except Exception as e:
-                            first = skip_steps * ga if epoch == start_epoch else 0  # a resumed epoch's loader starts there
-                            index = first + loader_position(e, update * ga + len(window) - first)
-                            raise batch_error(e, f"step {epoch * steps_per_epoch + index // ga + 1} (batch {index} of epoch "
-                                                 f"{epoch}, train_dataset); training stopped at step {self.state.global_step}") from e
-                        # each micro-batch weighs its share of the labelled items of the step, over every process as in
-                        # transformers (average_tokens_across_devices): DDP averages gradients, so a share is scaled by world
-                        counts = _item_counts(window, self.label_names, shift) if n > 1 or distributed else None
-                        total = sum(counts) if counts else None
-                        if counts and distributed: total = acc.reduce(total, "sum")
-                        self._fire("on_step_begin")
-                        for i, batch in enumerate(window):
-                            sync = contextlib.nullcontext() if not distributed or i == n - 1 else acc.no_sync(model)
-                            with sync, autocast():
-                                try:
-                                    loss = self.compute_loss(model, batch)
-                                    if counts: loss = _weigh(loss, counts[i] * world, total)
-                                    elif n > 1: loss = loss / n
-                                    self._backward(loss)
-                                except _PASS_THROUGH: raise
-                                except Exception as e:
-                                    raise batch_error(e, f"step {self.state.global_step + 1} (batch {update * ga + i} of epoch "
-                                                         f"{epoch}, train_dataset); the model keeps the weights of step "
-                                                         f"{self.state.global_step}", batch) from e
-                            if watch is None: tr_loss += loss.detach()
-                            else: watch.add_loss(tr_loss, loss.detach())
-                            if i < n - 1: self._fire("on_substep_end")
-                        if nan_each_step and not math.isfinite(tr_loss.item()):  # a sync per step, asked for
-                            optimizer.zero_grad(set_to_none=True)
-                            raise self._non_finite(self.state.global_step + 1, self.state.global_step + 1, tr_loss.item(), taken=False)
-                        if scaler is not None: scaler.unscale_(optimizer)
-                        grad_norm = torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm) if a.max_grad_norm > 0 else None
-                        self._fire("on_pre_optimizer_step")
-                        if watch is not None: watch.step(optimizer)
-                        else: optimizer.step()
-                        self._fire("on_optimizer_step")
-                        self._step_lr = self.lr_scheduler.get_last_lr()[0]  # the rate this step used, for the log
-                        self.lr_scheduler.step()
-                        optimizer.zero_grad(set_to_none=True)
-                        self.state.global_step += 1
-                        self.state.epoch = epoch + (update + 1) / steps_per_epoch
-                        self._fire("on_step_end")
-                        if launched is not None and launched.reached(self.state.global_step): interrupt.requested = True
-                        last = update == steps_per_epoch - 1 or remaining <= 0
-                        # at an epoch's last step, a save waits for the epoch-end evaluation, so the checkpoint has it
-                        tr_loss = self._maybe_log_save_evaluate(tr_loss, grad_norm, defer_save=last)
-                        if self.control.should_epoch_stop or self.control.should_training_stop or stop_now(): break
-                    if stop_now() and not last: break
-                    self._fire("on_epoch_end")
-                    tr_loss = self._maybe_log_save_evaluate(tr_loss, None)
-                    if self.control.should_training_stop or stop_now(): break
-        except BaseException as e:  # a failure: the progress shows where it stopped, then the error propagates
-            stop_loader_workers(batches, e)
-            self._eval_dl = None
-            self._fire("on_train_end", outcome="failed", error=e)
-            raise
-        stop_loader_workers(batches)
-        if stop_now(): self._tr_loss = tr_loss; self._stop_interrupted()
+        distributed = world > 1
+        @contextlib.contextmanager
+        def batch_errors(epoch: int, i: int, inputs: dict):  # a failing micro-batch, named with its step and place
+            try: yield
+            except _PASS_THROUGH: raise
+            except Exception as e:
+                raise batch_error(e, f"step {self.state.global_step + 1} (batch {run.update * ga + i} of epoch {epoch}, "
+                                     f"train_dataset); the model keeps the weights of step {self.state.global_step}", inputs) from e
+        run = _Run(train_dl=train_dl, sampler=_epoch_sampler(train_dl), batches=None, batches_per_epoch=batches_per_epoch,
+                   steps_per_epoch=steps_per_epoch, max_steps=max_steps, num_epochs=math.ceil(max_steps / steps_per_epoch),
+                   start_epoch=start_epoch, skip_steps=skip_steps, resumed=bool(loop), update=0, last_in_epoch=False,
+                   data_seed=a.data_seed if a.data_seed is not None else a.seed, stop=StopRequests(max_steps, self.state.global_step),
+                   start_time=time.perf_counter(), start_step=self.state.global_step, batch_errors=batch_errors,
+                   # DDP syncs gradients on a step's last micro-batch only
+                   no_sync=lambda model, i: acc.no_sync(model) if distributed and i < self._weights.n - 1 else contextlib.nullcontext(),
+                   add_loss=watch.add_loss if watch is not None else lambda tr_loss, loss: tr_loss.add_(loss),
+                   # fp16: a single non-finite loss is an overflow the scaler skips, so the check waits for the log step
+                   nan_each_step=a.nan_check == "step" and watch is None)
+        self.model_wrapped.train()
+        return run
 
-        rest = tr_loss.item()  # the loss since the last log (all of it with logging_strategy="no")
+    def _resume(self, resume_from_checkpoint, steps_per_epoch: int) -> tuple[dict, Path]:
+        "Load a checkpoint into this run: weights, optimizer, schedule, RNG, callbacks' state; the loop's sums, and the folder."
+        a, acc = self.args, self.accelerator
+        folder = resolve_checkpoint(a.output_dir if resume_from_checkpoint is True else resume_from_checkpoint)
+        fresh = self.state
+        self.state = restore_training(folder, self.model, self.optimizer, self.lr_scheduler, acc.scaler, tuple(self.callbacks))
+        _warn_trajectory_changes(folder, a, steps_per_epoch)
+        for name in ("max_steps", "num_train_epochs", "steps_per_epoch", "logging_steps", "eval_steps", "save_steps",
+                     "train_batch_size", "total_train_batch_size"):  # this run's plan, not the saved one's
+            setattr(self.state, name, getattr(fresh, name))
+        self.state.is_local_process_zero, self.state.is_world_process_zero = acc.is_local_main_process, acc.is_main_process
+        return read_loop_state(folder), folder
+
+    def _windows(self, run: _Run, epoch: int):
+        "The steps of `epoch`, each a list of its micro-batches, after those a resumed run already took."
+        a, acc, ga = self.args, self.accelerator, self.args.gradient_accumulation_steps
+        skip = run.skip_steps if epoch == run.start_epoch else 0
+        run.train_dl.set_epoch(epoch)
+        if run.sampler is not None and skip: run.sampler.skip = skip * ga * a.per_device_train_batch_size * acc.num_processes
+        if self._numbered is not None: self._numbered.number_batches(run.data_seed, epoch, skip * ga, acc.process_index)
+        run.batches, run.last_in_epoch = iter(run.train_dl), False
+        remaining = run.batches_per_epoch - skip * ga
+        for update in range(skip, run.steps_per_epoch):
+            n = min(ga, remaining); remaining -= n
+            if n <= 0: return
+            window = []
+            try:
+                for _ in range(n): window.append(next(run.batches))
+            except Exception as e:
+                index = skip * ga + loader_position(e, update * ga + len(window) - skip * ga)  # a resumed epoch's loader starts there
+                raise batch_error(e, f"step {epoch * run.steps_per_epoch + index // ga + 1} (batch {index} of epoch "
+                                     f"{epoch}, train_dataset); training stopped at step {self.state.global_step}") from e
+            run.update, run.last_in_epoch = update, update == run.steps_per_epoch - 1 or remaining <= 0
+            yield window
+
+    def _optimizer_step(self, run: _Run):
+        "The step's update: the per-step NaN check when asked for, fp16 unscaling, clipping, the optimizer, the schedule."
+        a, optimizer, scaler = self.args, self.optimizer, self.accelerator.scaler
+        if run.nan_each_step and not math.isfinite(self._tr_loss.item()):  # a sync per step, asked for
+            optimizer.zero_grad(set_to_none=True)
+            raise self._non_finite(self.state.global_step + 1, self.state.global_step + 1, self._tr_loss.item(), taken=False)
+        if scaler is not None: scaler.unscale_(optimizer)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm) if a.max_grad_norm > 0 else None
+        self._fire("on_pre_optimizer_step")
+        if self._watch is not None: self._watch.step(optimizer)
+        else: optimizer.step()
+        self._fire("on_optimizer_step")
+        self._step_lr = self.lr_scheduler.get_last_lr()[0]  # the rate this step used, for the log
+        self.lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def _end_failed(self, run: _Run, e: BaseException):
+        "After a failure: no loader worker left, and the callbacks (the dashboard) show where the run stopped."
+        stop_loader_workers(run.batches, e)
+        self._eval_dl = None
+        self._fire("on_train_end", outcome="failed", error=e)
+
+    def _end_run(self, run: _Run) -> TrainOutput:
+        "After the last step (or an interrupt): the final loss check, the run's metrics, the best model, `on_train_end`."
+        a = self.args
+        stop_loader_workers(run.batches)
+        if run.stop.interrupted: self._stop_interrupted()
+        rest = self._tr_loss.item()  # the loss since the last log (all of it with logging_strategy="no")
         if a.nan_check != "off" and not math.isfinite(rest):
             err = self._non_finite(self._logged_steps + 1, self.state.global_step, rest)
             self._fire("on_train_end", outcome="failed", error=err)
             raise err
         self._total_loss += rest
-        runtime = time.perf_counter() - start_time
-        steps_done = max(1, self.state.global_step - start_step)
-        train_loss = self._total_loss / max(1, self.state.global_step if loop else steps_done)  # a resumed run: over all steps
+        runtime = time.perf_counter() - run.start_time
+        steps_done = max(1, self.state.global_step - run.start_step)
+        train_loss = self._total_loss / max(1, self.state.global_step if run.resumed else steps_done)  # a resumed run: over all steps
         metrics = {"train_runtime": round(runtime, 4), "train_samples_per_second": round(steps_done * self.state.total_train_batch_size / runtime, 3),
                    "train_steps_per_second": round(steps_done / runtime, 3), "train_loss": train_loss}
-        if watch is not None: metrics["train_skipped_steps"] = watch.read()[2]
+        if self._watch is not None: metrics["train_skipped_steps"] = self._watch.read()[2]
         if a.load_best_model_at_end and self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint).is_dir():
             load_weights(self.model, self.state.best_model_checkpoint)
-        self._log(metrics)
+        self.log(metrics)  # which adds the epoch to them, as in transformers
         self._fire("on_train_end", outcome="finished")
         self._eval_dl = None
         return TrainOutput(self.state.global_step, train_loss, metrics)
@@ -725,7 +949,7 @@ class Trainer:
         "After an interrupt at a step boundary: save, tell the callbacks, and raise `TrainingInterrupted`."
         st, a = self.state, self.args
         if a.output_dir and st.global_step > self._saved_step:
-            try: self._save(self._tr_loss)
+            try: self._save()
             except BaseException as e:  # non-finite weights, or a write that failed: a failure, not an interruption
                 self._fire("on_train_end", outcome="failed", error=e)
                 self._eval_dl = None
@@ -744,11 +968,11 @@ class Trainer:
         print(f"Continuing {what} from {folder} (train(resume_from_checkpoint=False) starts a new run instead).")
         return folder
 
-    def _maybe_log_save_evaluate(self, tr_loss: torch.Tensor, grad_norm, defer_save: bool = False) -> torch.Tensor:
+    def _maybe_log_save_evaluate(self, grad_norm, defer_save: bool = False, ignore_keys: list[str] | None = None):
         "Act on the flags callbacks set: the only place the loop reads values from the device."
         c = self.control
         if c.should_log and self.state.global_step > self._logged_steps:
-            total, skipped = self._read_loss(tr_loss)
+            total, skipped = self._read_loss(self._tr_loss)
             steps = self.state.global_step - self._logged_steps
             self._total_loss += total
             logs = {"loss": round(total / steps, 6)}
@@ -756,17 +980,16 @@ class Trainer:
             logs["learning_rate"] = self._step_lr
             if skipped is not None: logs["skipped_steps"] = skipped
             self._logged_steps = self.state.global_step
-            tr_loss = torch.zeros_like(tr_loss)
-            self._log(logs)
+            self._tr_loss = torch.zeros_like(self._tr_loss)
+            self.log(logs)
         if c.should_evaluate:
-            try: self.evaluate()
-            except MetricError: self._tr_loss = tr_loss; self._stop_for_metrics()
+            try: self.evaluate(ignore_keys=ignore_keys)
+            except MetricError: self._stop_for_metrics()
         pending = c.should_save and defer_save
         if c.should_save and not defer_save and self.state.global_step != self._saved_step:  # the last step is often also an epoch end
-            self._save(tr_loss)
+            self._save()
         c._new_step()
         c.should_save = pending
-        return tr_loss
 
     def _read_loss(self, tr_loss: torch.Tensor) -> tuple[float, int | None]:
         "The loss summed since the last log, and (fp16) the steps skipped so far; a non-finite loss stops the run."
@@ -802,14 +1025,14 @@ class Trainer:
             "Lower the learning_rate, keep gradient clipping on (max_grad_norm), look for extreme values in the data, or "
             "use bf16 rather than fp16; trainer.train(resume_from_checkpoint=...) continues from a checkpoint.")
 
-    def _save(self, tr_loss: torch.Tensor):
+    def _save(self):
         "Save this step's checkpoint; never one of non-finite weights, and a failed write says what is kept."
         st = self.state
         if self.args.nan_check != "off":
-            loss = tr_loss.item()
+            loss = self._tr_loss.item()
             if not math.isfinite(loss) or not weights_finite(self.model):
                 raise self._non_finite(self._logged_steps + 1, st.global_step, loss)
-        self._saved_step, self._tr_loss = st.global_step, tr_loss
+        self._saved_step = st.global_step
         try: self._fire("on_save")
         except CheckpointWriteError as e:
             e.strerror = (f"{e.strerror} Training stopped at step {st.global_step}; the model, optimizer and state in memory are "
@@ -822,7 +1045,7 @@ class Trainer:
     def _stop_for_metrics(self):
         "A metric failed during training: keep the progress in a checkpoint (when saving), so `train()` can continue."
         st, e = self.state, sys.exc_info()[1]
-        if self.args.output_dir and st.global_step != self._saved_step: self._save(self._tr_loss)
+        if self.args.output_dir and st.global_step != self._saved_step: self._save()
         saved = self.last_checkpoint is not None and self.last_checkpoint.name == f"checkpoint-{st.global_step}"
         if saved:
             self._continue_from = (self.last_checkpoint, "the run")
@@ -832,85 +1055,132 @@ class Trainer:
         e.args = (f"{e.args[0]} Training stopped at step {st.global_step}. {kept}",)
         raise e
 
-    def _log(self, logs: dict):
-        logs = {**logs, "epoch": round(self.state.epoch, 4), "step": self.state.global_step}
-        self.state.log_history.append(logs)
-        self._fire("on_log", logs=logs)
-
-    def log(self, logs: dict): self._log(logs)
+    def log(self, logs: dict, start_time: float | None = None):
+        "Add `logs` (with the epoch, which `logs` gets too, and the step) to the history, and tell the callbacks."
+        logs["epoch"] = round(self.state.epoch, 4)
+        self.state.log_history.append({**logs, "step": self.state.global_step})
+        self._fire("on_log", logs=self.state.log_history[-1])
 
     # ---- evaluation -------------------------------------------------------------------------
-    def _eval_loop(self, dataloader, prefix: str, keep: bool) -> PredictionOutput:
-        acc = self.accelerator
+    def prediction_step(self, model, inputs: dict, prediction_loss_only: bool, ignore_keys: list[str] | None = None):
+        "`(loss, logits, labels)` of one batch; with labels, the loss is `compute_loss`'s, the same as in training."
+        labels = self._labels(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            # the loss of training, where it is not the model's own
+            custom = self.compute_loss_func is not None or self.args.label_smoothing_factor > 0 or _user_overrides(self, "compute_loss")
+            if labels is not None and custom:
+                loss, outputs = self.compute_loss(model, dict(inputs), return_outputs=True)
+                loss = loss.mean().detach()
+            else:
+                outputs = model(**inputs)
+                loss = split_outputs(outputs)[0]
+        if prediction_loss_only: return loss, None, None
+        if ignore_keys and isinstance(outputs, dict): outputs = {k: v for k, v in outputs.items() if k not in ignore_keys}
+        return loss, split_outputs(outputs)[1], labels
+
+    def _labels(self, batch: dict):
+        names = self.label_names or ["labels"]
+        found = tuple(batch[n] for n in names if n in batch)
+        return found[0] if len(found) == 1 else (found or None)
+
+    def evaluation_loop(self, dataloader, description: str, prediction_loss_only: bool | None = None,
+                        ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval") -> EvalLoopOutput:
+        "`prediction_step` over a DataLoader: the loss, streaming metrics, `compute_metrics`; predictions unless `prediction_loss_only`."
+        acc, prefix = self.accelerator, metric_key_prefix
+        if prediction_loss_only is None: prediction_loss_only = self.args.prediction_loss_only
+        # batch_eval_metrics: compute_metrics sees each batch (as tensors) and keeps its own sums; no prediction is kept
+        batched = self.args.batch_eval_metrics and self.compute_metrics is not None
         # the wrapped (DDP, compiled) model only while it still wraps self.model: a user may have put another one there
         model = self.model_wrapped if self._wrapped_for is self.model else self.model.to(acc.device)
         was_training = model.training
         model.eval()
         self.streaming.to(acc.device).reset()
-        kept = Accumulator() if keep else None
+        # streaming metrics see every batch's logits and keep none of them: only kept predictions cost memory
+        kept = None if prediction_loss_only or batched else Accumulator()
+        loss_only = prediction_loss_only and not self.streaming.metrics and not batched
+        batch_values = {}
         loss_sum, n_seen, n_loss, labelled = torch.zeros((), device=acc.device), 0, 0, False
         start = time.perf_counter()
         name = {"eval": "eval_dataset", "test": "test_dataset"}.get(prefix, f"{prefix} dataset")
         where = f"evaluation at step {self.state.global_step}" if prefix == "eval" else f"{prefix} prediction"
         batches, index = iter(dataloader), 0  # prepared by Accelerate: batches are already on the device
         try:
-            with torch.no_grad():
-                while True:
-                    try: batch = next(batches)
-                    except StopIteration: break
-                    except Exception as e: raise batch_error(e, f"{where} (batch {loader_position(e, index)} of {name})") from e
-                    try: loss, logits, labels = self._prediction_step(model, batch)
-                    except _PASS_THROUGH: raise
-                    except Exception as e: raise batch_error(e, f"{where} (batch {index} of {name})", batch) from e
-                    index += 1
-                    bs = len(next(iter(batch.values())))
-                    if loss is not None: loss_sum += loss.detach().float() * bs; n_loss += bs
-                    n_seen += bs
-                    labelled = labelled or labels is not None
-                    if self.streaming.metrics and logits is not None and labels is not None:
-                        self.streaming.update(logits, labels, gather=acc.gather_for_metrics if acc.num_processes > 1 else None)
-                    if kept is not None and logits is not None:
-                        kept.add(*(acc.gather_for_metrics((logits, labels)) if acc.num_processes > 1 else (logits, labels)))
-                    self._fire("on_prediction_step", eval_dataloader=dataloader)
+            while True:
+                try: batch = next(batches)
+                except StopIteration: break
+                except Exception as e: raise batch_error(e, f"{where} (batch {loader_position(e, index)} of {name})") from e
+                try:
+                    loss, logits, labels = self.prediction_step(model, batch, loss_only, ignore_keys=ignore_keys)
+                    if self.preprocess_logits_for_metrics is not None and logits is not None:
+                        logits = self.preprocess_logits_for_metrics(logits, labels)
+                except _PASS_THROUGH: raise
+                except Exception as e: raise batch_error(e, f"{where} (batch {index} of {name})", batch) from e
+                index += 1
+                bs = len(next(iter(batch.values())))
+                if loss is not None: loss_sum += loss.detach().float() * bs; n_loss += bs
+                n_seen += bs
+                labelled = labelled or labels is not None
+                if self.streaming.metrics and logits is not None and labels is not None:
+                    self.streaming.update(logits, labels, gather=acc.gather_for_metrics if acc.num_processes > 1 else None)
+                if (kept is not None or batched) and logits is not None and acc.num_processes > 1:
+                    logits, labels = acc.gather_for_metrics((logits, labels))
+                if kept is not None and logits is not None: kept.add(logits, labels)
+                if batched and logits is not None and labels is not None:
+                    batch_values = compute_metric_values(self.compute_metrics, EvalPrediction(logits, labels), prefix,
+                                                         compute_result=index == len(dataloader))
+                self._fire("on_prediction_step", eval_dataloader=dataloader)
             metrics = {}
             if n_loss: metrics[f"{prefix}_loss"] = (acc.reduce(loss_sum, "sum").item() / (n_loss * acc.num_processes))
             if labelled: metrics.update(self.streaming.compute(prefix))  # a test set without labels gets predictions only
             preds, label_ids = kept.result() if kept is not None else (None, None)
             if self.compute_metrics is not None and preds is not None and label_ids is not None:
                 metrics.update(compute_metric_values(self.compute_metrics, EvalPrediction(preds, label_ids), prefix))
+            metrics.update(batch_values)  # the values of the last batch's call, with compute_result=True
         except MetricError as e:
             e.args = (f"{where}: {e}",)
             stop_loader_workers(batches, e); raise
         except BaseException as e: stop_loader_workers(batches, e); raise
         finally: model.train(was_training)
         runtime = time.perf_counter() - start
-        metrics.update({f"{prefix}_runtime": round(runtime, 4), f"{prefix}_samples_per_second": round(n_seen / runtime, 3)})
-        return PredictionOutput(preds, label_ids, metrics)
+        metrics.update({f"{prefix}_runtime": round(runtime, 4), f"{prefix}_samples_per_second": round(n_seen / runtime, 3),
+                        f"{prefix}_steps_per_second": round(index / runtime, 3)})
+        return EvalLoopOutput(preds, label_ids, metrics, n_seen * acc.num_processes)
 
-    def evaluate(self, eval_dataset=None, metric_key_prefix: str = "eval") -> dict:
+    def evaluate(self, eval_dataset=None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval") -> dict:
         "Evaluate on `eval_dataset` (or the trainer's): loss, streaming metrics and `compute_metrics`; a dict of datasets, each."
-        if eval_dataset is None and self._eval_dl is not None: loaders = self._eval_dl  # during train(): prepared once
+        if eval_dataset is None and self._eval_dl: loaders = self._eval_dl  # during train(): prepared once
         else: loaders = self._eval_loaders(eval_dataset if eval_dataset is not None else self.eval_dataset)
         metrics = {}
         for name, dl in loaders.items():  # a dict of datasets: eval_a_loss, eval_b_loss, ... as in transformers
             prefix = metric_key_prefix if name is None else f"{metric_key_prefix}_{name}"
-            metrics.update(self._eval_loop(dl, prefix, keep=self.compute_metrics is not None).metrics)
-        if self._best_unchecked and loaders is self._eval_dl:  # the preflight could not tell: the run's first evaluation does
+            # as transformers: without compute_metrics no prediction is kept (streaming metrics keep none anyway)
+            output = self.evaluation_loop(dl, description="Evaluation", ignore_keys=ignore_keys, metric_key_prefix=prefix,
+                                          prediction_loss_only=True if self.compute_metrics is None else None)
+            metrics.update(output.metrics)
+        if self._best_unchecked and eval_dataset is None and self._eval_dl is not None:  # the preflight could not tell: the run's first evaluation does
             self._best_unchecked = False
             self._check_best_metric({k.removeprefix(f"{metric_key_prefix}_") for k in metrics})
-        self._log(metrics)
+        self.log(metrics)
         self._fire("on_evaluate", metrics=metrics)
         return metrics
 
-    def predict(self, test_dataset, metric_key_prefix: str = "test") -> PredictionOutput:
+    def predict(self, test_dataset, ignore_keys: list[str] | None = None, metric_key_prefix: str = "test") -> PredictionOutput:
         "Predictions, labels (when present) and metrics for `test_dataset`."
-        dl = self.accelerator.prepare(self.get_eval_dataloader(test_dataset, "test_dataset"))
-        out = self._eval_loop(dl, metric_key_prefix, keep=True)
+        dl = self.accelerator.prepare(self.get_test_dataloader(test_dataset))
+        out = self.evaluation_loop(dl, description="Prediction", ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
         self._fire("on_predict", metrics=out.metrics)
-        return out
+        return PredictionOutput(out.predictions, out.label_ids, out.metrics)
 
-    # ---- saving and history -----------------------------------------------------------------
-    def save_model(self, output_dir: str | None = None):
+    # ---- saving, reporting and history ------------------------------------------------------
+    def is_world_process_zero(self) -> bool:
+        "Whether this is the main process of the whole run (the one that saves and reports)."
+        return self.accelerator.is_main_process
+
+    def is_local_process_zero(self) -> bool:
+        "Whether this is the main process of this machine."
+        return self.accelerator.is_local_main_process
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         "Save the model (and tokenizer) so that `from_pretrained(output_dir)` loads it."
         output_dir = Path(output_dir or self.args.output_dir)
         if not self.accelerator.is_main_process: return
@@ -923,6 +1193,50 @@ class Trainer:
             if (refused := os_error(e)) is None: raise
             raise CheckpointWriteError(refused.errno, f"could not save the model in {output_dir}: {refused.strerror}. Free space "
                                        "(or fix the permissions) there, or pass another folder to save_model.") from e
+
+    def log_metrics(self, split: str, metrics: dict):
+        "Print `metrics` as transformers' scripts do: `***** train metrics *****`, then one aligned line per metric."
+        if not self.is_world_process_zero(): return
+        print(format_metrics(split, metrics))
+
+    def save_metrics(self, split: str, metrics: dict, combined: bool = True):
+        "Write `metrics` to `output_dir/{split}_results.json`, and merge them into `all_results.json` with `combined`."
+        if not self.is_world_process_zero(): return
+        out = Path(self.args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{split}_results.json").write_text(json.dumps(metrics, indent=4, sort_keys=True))
+        if combined:
+            path = out / "all_results.json"
+            merged = {**(json.loads(path.read_text()) if path.is_file() else {}), **metrics}
+            path.write_text(json.dumps(merged, indent=4, sort_keys=True))
+
+    def save_state(self):
+        "Write the trainer state (the log history, the best checkpoint, ...) to `output_dir/trainer_state.json`."
+        if not self.is_world_process_zero(): return
+        state = json.loads(self.state.to_json_string())
+        if "transformers" in sys.modules:  # readable by transformers' TrainerState.load_from_json: its fields only
+            from transformers import TrainerState as HFState
+            state = {k: v for k, v in state.items() if k in {f.name for f in dataclasses.fields(HFState)}}
+        Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(self.args.output_dir) / "trainer_state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+
+    def create_model_card(self, language: str | None = None, license: str | None = None, tags: str | list[str] | None = None,
+                          model_name: str | None = None, finetuned_from: str | None = None, tasks: str | list[str] | None = None,
+                          dataset_tags: str | list[str] | None = None, dataset: str | list[str] | None = None,
+                          dataset_args: str | list[str] | None = None):
+        "Write `output_dir/README.md`: a model card with the training arguments, the results and the history of evaluations."
+        if not self.is_world_process_zero(): return
+        card = model_card(self, language=language, license=license, tags=tags, model_name=model_name,
+                          finetuned_from=finetuned_from, tasks=tasks, dataset_tags=dataset_tags, dataset=dataset, dataset_args=dataset_args)
+        Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(self.args.output_dir) / "README.md").write_text(card)
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, token: str | None = None,
+                    revision: str | None = None, **kwargs) -> str:
+        "Save the model and its card in `output_dir` and upload the folder to the Hub repository `hub_model_id`; its URL."
+        self.save_model()
+        self.create_model_card(**{k: v for k, v in kwargs.items() if k in _CARD_FIELDS})
+        return upload_folder(self.args, commit_message, token, revision)
 
     def load_checkpoint(self, path) -> nn.Module:
         "Load a checkpoint into this trainer: the model's weights and the run's state; a plain `train()` then continues it exactly."

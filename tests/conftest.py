@@ -6,6 +6,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import functools
 import random
 import shutil
 import subprocess
@@ -62,6 +63,24 @@ def same_weights(model: torch.nn.Module, before: dict) -> bool:
     "Whether every parameter of `model` is bit-identical to the `snapshot` `before`."
     now = dict(model.named_parameters())
     return now.keys() == before.keys() and all(torch.equal(now[k].detach().cpu(), before[k].cpu()) for k in before)
+
+
+@functools.cache
+def _first_step_class():
+    from nbtrain import TrainerCallback  # imported when first used: collecting the tests does not import nbtrain
+
+    class FirstStep(TrainerCallback):
+        """Records `first`, the first step a run executes (None while no step has run): a run resumed from
+        checkpoint-k must start at step k + 1, where a run that ignored the checkpoint would start at step 1."""
+        def __init__(self): self.first = None
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.first is None: self.first = state.global_step
+    return FirstStep
+
+
+def FirstStep():
+    "A new `FirstStep` callback (see `_first_step_class`)."
+    return _first_step_class()()
 
 
 @pytest.fixture

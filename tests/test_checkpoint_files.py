@@ -187,15 +187,19 @@ def test_pickled_weights_instead_of_safetensors_are_refused(tiny, tmp_path, chec
 
 
 def test_pickles_beside_a_good_checkpoint_are_never_read(tiny, make_args, tmp_path, checkpoint, trained):
-    # transformers.Trainer's pickled files, planted beside ours: resuming works and reads none of them
+    # transformers.Trainer's pickled files, planted beside ours: resuming works and reads none of them. The model
+    # starts from other weights (seed 1), so ending on the trained run's weights proves our files ARE read
+    from conftest import FirstStep
     marker = tmp_path / "side-effect"
     payload = pickles(marker)["torch.save"]
     for name in ["training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state.pth", "scaler.pt", "pytorch_model.bin"]:
         (checkpoint / name).write_bytes(payload)
-    trainer = resuming_trainer(tiny, make_args, tmp_path)
+    trainer = resuming_trainer(tiny, make_args, tmp_path, model=tiny.bert(dropout=0.1, seed=1))
+    first = FirstStep()
+    trainer.add_callback(first)
     trainer.train(resume_from_checkpoint=str(checkpoint))
-    assert trainer.state.global_step == 4
-    assert tiny.same_weights(trainer.model, tiny.snapshot(trained[0].model))  # and it continued exactly
+    assert first.first == 3 and trainer.state.global_step == 4  # continued after step 2, the checkpoint's
+    assert tiny.same_weights(trainer.model, tiny.snapshot(trained[0].model))  # and exactly
     load_checkpoint(checkpoint)
     assert not marker.exists(), "a pickle ran"
 

@@ -6,6 +6,10 @@ Every case trains the same tiny BERT twice (or three times) in this process: onc
 step `k` — by a callback that sets `control.should_training_stop` at a step where a checkpoint is saved, or by a
 real SIGINT sent from a callback (the kernel-interrupt path) — and once more from that checkpoint. `max_steps`
 is the same in every run (changing it would change the learning-rate schedule).
+
+The resumed run's model is built from other initial weights (seed 1, not 0) and its first step must be k + 1: a
+`train()` that ignored the checkpoint and started anew would neither start there nor end with the straight run's
+weights.
 """
 import os
 import signal
@@ -13,6 +17,7 @@ import signal
 import pytest
 import torch
 
+from conftest import FirstStep
 from nbtrain import EarlyStoppingCallback, Trainer, TrainerCallback
 from nbtrain.checkpoint import list_checkpoints
 from nbtrain.trainer import TrainingInterrupted
@@ -76,8 +81,9 @@ class Case:
         self.args = {**dict(per_device_train_batch_size=8, learning_rate=1e-2, seed=7, logging_steps=1, save_strategy="steps",
                             save_steps=2), **args}
 
-    def trainer(self, out: str, extra=()):
-        model = self.tiny.bert(dropout=self.dropout, seed=0)
+    def trainer(self, out: str, extra=(), seed: int = 0):
+        "A fresh model (initial weights from `seed`) and Trainer writing to `out`."
+        model = self.tiny.bert(dropout=self.dropout, seed=seed)
         eval_ds = self.tiny.dataset(self.eval_n, seed=1) if self.eval_n else None
         callbacks = [cb() for cb in self.callbacks] + list(extra)
         return Trainer(model, self.make_args(output_dir=str(self.tmp_path / out), **self.args),
@@ -102,9 +108,16 @@ class Case:
         assert list_checkpoints(self.tmp_path / "split")[-1].name == f"checkpoint-{k}"
         return t
 
-    def resumed(self) -> dict:
-        t = self.trainer("split")
+    def resuming(self):
+        "A new Trainer of the stopped run whose model starts from OTHER weights (seed 1): only the checkpoint gives them back."
+        first = FirstStep()
+        return self.trainer("split", [first], seed=1), first
+
+    def resumed(self, k: int) -> dict:
+        "Resume the stopped run from its checkpoint-k: the first step it takes is k + 1."
+        t, first = self.resuming()
         t.train(resume_from_checkpoint=True)
+        assert first.first == k + 1, f"the resumed run started at step {first.first}, not {k + 1}"
         return result(t)
 
     def check(self, k: int, how: str = "stop", expect_steps: int | None = None):
@@ -112,7 +125,7 @@ class Case:
         if expect_steps is not None: assert straight["step"] == expect_steps
         stopped = self.stopped(k, how)
         assert stopped.state.global_step < straight["step"], "the stop came too late to test anything"
-        resumed = self.resumed()
+        resumed = self.resumed(k)
         assert_same(straight, resumed)
         return straight, resumed
 
@@ -157,7 +170,7 @@ def test_dropout_makes_the_rng_state_matter(tiny, make_args, tmp_path, monkeypat
         torch.manual_seed(12345)
         return state
     monkeypatch.setattr(nbtrain.trainer, "restore_training", forgetful)
-    resumed = case.resumed()
+    resumed = case.resumed(6)
     assert not all(torch.equal(straight["weights"][k], v) for k, v in resumed["weights"].items())
 
 
@@ -188,15 +201,16 @@ def test_the_random_collator_changes_training(tiny, make_args, tmp_path):
 
 def test_interrupt_during_the_last_step_finishes_the_run(tiny, make_args, tmp_path):
     # every step was taken: the run ends as finished (no TrainingInterrupted), and resuming its last checkpoint
-    # trains nothing more
+    # trains nothing more: no step runs, and the weights (built from seed 1) are the checkpoint's, the straight run's
     case = Case(tiny, make_args, tmp_path, dropout=0.1, max_steps=12)
     straight = case.straight()
     t = case.trainer("split", [InterruptAt(12)])
     out = t.train()
     assert out.global_step == 12
     assert_same(straight, result(t))
-    again = case.trainer("split")
+    again, first = case.resuming()
     again.train(resume_from_checkpoint=True)
+    assert first.first is None, f"the resumed run took step {first.first}"
     assert again.state.global_step == 12
     assert_same(straight, result(again))
 
@@ -239,16 +253,15 @@ def test_plain_train_after_interrupt_continues_exactly(tiny, make_args, tmp_path
     straight = case.straight()
     t = case.stopped(5, how="interrupt")
     t.remove_callback(InterruptAt)
+    # other weights in the model: only checkpoint-5 can give back step 5's
+    t.model.load_state_dict(tiny.bert(dropout=0.1, seed=1).state_dict())
+    first = FirstStep()
+    t.add_callback(first)
     capsys.readouterr()
     t.train()
     assert "Continuing the interrupted run from" in capsys.readouterr().out
+    assert first.first == 6
     assert_same(straight, result(t))
-
-
-class FirstStep(TrainerCallback):
-    def __init__(self): self.first = None
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.first is None: self.first = state.global_step
 
 
 def test_resume_false_after_interrupt_starts_a_new_run(tiny, make_args, tmp_path, capsys):
@@ -288,9 +301,10 @@ def test_resume_with_more_steps_runs_to_the_new_end_and_warns(tiny, make_args, t
     case = Case(tiny, make_args, tmp_path, max_steps=8)
     case.stopped(4)
     case.args["max_steps"] = 12
-    t = case.trainer("split")
+    t, first = case.resuming()
     with pytest.warns(UserWarning, match=r"max_steps: 8 in the checkpoint, 12 now"):
         t.train(resume_from_checkpoint=True)
+    assert first.first == 5
     assert t.state.global_step == t.state.max_steps == 12
 
 
@@ -298,8 +312,10 @@ def test_resume_with_another_learning_rate_warns(tiny, make_args, tmp_path):
     case = Case(tiny, make_args, tmp_path, max_steps=8)
     case.stopped(4)
     case.args["learning_rate"] = 5e-3
+    t, first = case.resuming()
     with pytest.warns(UserWarning, match=r"learning_rate: 0\.01 in the checkpoint, 0\.005 now"):
-        case.trainer("split").train(resume_from_checkpoint=True)
+        t.train(resume_from_checkpoint=True)
+    assert first.first == 5 and t.state.global_step == 8
 
 
 def test_stop_at_epoch_end_with_epoch_evaluation(tiny, make_args, tmp_path):

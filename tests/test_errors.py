@@ -75,10 +75,35 @@ def test_model_is_a_class(tiny, make_args):
         Trainer(BertForSequenceClassification, make_args(), train_dataset=tiny.dataset(16))
 
 
+def bert_activation_dtypes(model) -> set:
+    "The dtypes of the tiny BERT's hidden activations (its feed-forward layer's output) in the forward passes to come."
+    dtypes = set()
+    model.bert.encoder.layer[0].intermediate.dense.register_forward_hook(lambda m, i, o: dtypes.add(o.dtype))
+    return dtypes
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is valid where CUDA is available")
-def test_fp16_without_cuda(tmp_path):
-    with pytest.raises(ValueError, match=r"fp16=True needs a CUDA GPU"):
-        TrainingArguments(output_dir=str(tmp_path), fp16=True)
+def test_fp16_without_cuda(tiny, make_args):
+    # as in transformers: accepted, said, and trained in full precision (float32), never in float16 on the CPU
+    with pytest.warns(UserWarning, match=r"fp16=True, but fp16 needs a CUDA GPU.*training runs in full precision"):
+        args = make_args(fp16=True, max_steps=2, per_device_train_batch_size=8)
+    model = tiny.bert(seed=0)
+    trainer = Trainer(model, args, train_dataset=tiny.dataset(16))
+    dtypes = bert_activation_dtypes(model)
+    trainer.train()
+    assert dtypes == {torch.float32} and trainer.accelerator.scaler is None, (dtypes, trainer.accelerator.scaler)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: without one fp16=True trains in float32 (above)")
+def test_fp16_with_cuda_trains_in_float16(tiny, make_args):
+    # the other side: where there is fp16 it is in effect, not dropped on the way to the accelerator (the forward runs
+    # under float16 autocast, and the loss is scaled)
+    model = tiny.bert(seed=0)
+    trainer = Trainer(model, make_args(fp16=True, max_steps=2, per_device_train_batch_size=8), train_dataset=tiny.dataset(16))
+    assert trainer.accelerator.mixed_precision == "fp16" and trainer.accelerator.scaler is not None
+    dtypes = bert_activation_dtypes(model)
+    trainer.train()
+    assert dtypes == {torch.float16}, f"fp16=True: the forward ran in {dtypes}"
 
 
 @pytest.mark.parametrize("wrong, right", [("learning_rat", "learning_rate"),

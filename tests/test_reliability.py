@@ -4,7 +4,8 @@ nothing behind (no worker process, no growing memory).
 
 The models are `tiny_train.TinyNet` (an MLP on 8 features) and variants of it that misbehave at a chosen step; nothing
 here is mocked except the file-system calls that inject a disk fault (and a real full tmpfs where mounting one is
-allowed). fp16 autocast needs CUDA, so the fp16 overflow counting runs with torch's real `GradScaler` on the CPU.
+allowed). fp16 needs CUDA; without it, the fp16 tests give the fp16 Trainer's accelerator what CUDA would give it:
+torch's float16 autocast and its real `GradScaler`, both on the CPU.
 """
 from __future__ import annotations
 
@@ -174,17 +175,38 @@ def test_nan_check_off_trains_through():
 
 
 # ---------------------------------------------------------------------------------------------- fp16 overflow
-def with_scaler(t: Trainer) -> Trainer:
-    """fp16 autocast needs CUDA; the grad scaler's skip logic does not. Give the trainer torch's real GradScaler on the
-    CPU, so the loop unscales, steps and updates through it exactly as under fp16."""
-    t.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+def fp16_trainer(model, a: TrainingArguments) -> Trainer:
+    """A Trainer of `model` with fp16=True. Without CUDA there is no fp16 (the arguments say it runs in float32, as
+    transformers does, and 🤗 Accelerate makes neither a grad scaler nor a float16 autocast on the CPU): here the
+    arguments answer `mixed_precision == "fp16"` as they would on a GPU, and the accelerator that `_make_accelerator`
+    made for fp16 gets on the CPU what it would have on a GPU (`native_amp`: its `autocast()` is torch's float16
+    autocast; torch's real GradScaler). The loop then autocasts, unscales, steps and updates exactly as under fp16;
+    with CUDA nothing is patched but the scaler's starting scale."""
+    if not torch.cuda.is_available():
+        a.fp16 = True
+        a.__class__ = type("AsOnAGPU", (type(a),), {"mixed_precision": property(lambda self: "fp16")})
+    else: assert a.fp16
+    t = trainer(model, a)
+    acc = t.accelerator
+    assert acc.mixed_precision == "fp16", f"fp16=True gave an accelerator with mixed_precision={acc.mixed_precision!r}"
+    if acc.device.type == "cpu": acc.native_amp = True
+    acc.scaler = torch.amp.GradScaler(acc.device.type, init_scale=2.0 ** 10)
     return t
+
+
+def activation_dtypes(model) -> set:
+    "The dtypes of the model's hidden activations in the training forward passes to come (the first layer's output)."
+    seen = set()
+    model.body[0].register_forward_hook(lambda m, i, o: seen.add(o.dtype) if m.training else None)
+    return seen
 
 
 def test_fp16_overflow_steps_are_counted_not_failures():
     torch.manual_seed(0); model = OverflowAt({3, 4, 12})
-    t = with_scaler(trainer(model, args(max_steps=15)))
+    t = fp16_trainer(model, args(max_steps=15, fp16=torch.cuda.is_available()))
+    dtypes = activation_dtypes(model)
     out = t.train()
+    assert dtypes == {torch.float16}, f"the forward ran in {dtypes}: not under fp16 autocast"
     logs = [h for h in t.state.log_history if "loss" in h]
     assert [h["skipped_steps"] for h in logs] == [2, 2, 3]  # cumulative, at steps 5, 10, 15
     assert out.metrics["train_skipped_steps"] == 3
@@ -194,13 +216,15 @@ def test_fp16_overflow_steps_are_counted_not_failures():
 
 def test_fp16_a_nan_loss_is_an_overflow_but_all_nan_is_a_failure():
     torch.manual_seed(0); model = NanAt({7})
-    t = with_scaler(trainer(model, args(max_steps=10)))
+    t = fp16_trainer(model, args(max_steps=10, fp16=torch.cuda.is_available()))
+    dtypes = activation_dtypes(model)
     out = t.train()  # one NaN loss: its step is skipped, and it stays out of the logged loss
+    assert dtypes == {torch.float16}, f"the forward ran in {dtypes}: not under fp16 autocast"
     assert out.metrics["train_skipped_steps"] == 1
     assert all(h["loss"] == h["loss"] for h in t.state.log_history if "loss" in h)
 
     torch.manual_seed(0); model = NanAt(range(6, 100))
-    t = with_scaler(trainer(model, args(max_steps=20)))
+    t = fp16_trainer(model, args(max_steps=20, fp16=torch.cuda.is_available()))
     with pytest.raises(NonFiniteLossError, match=r"in steps 6-10.*Under fp16 every step since the last log had a non-finite loss"):
         t.train()
     assert weights_finite(t.model)  # the scaler never applied a non-finite step

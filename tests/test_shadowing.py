@@ -13,10 +13,10 @@ FOLDERS = ("tests", "bench", "tools")
 
 
 def shadowed(root: Path, provided: dict[str, list[str]]) -> list[str]:
-    "Each `*.py` under `root`'s script folders whose name is a top-level module of the standard library or of `provided`."
+    "Each `*.py` in `root`'s script folders (and below) whose name is a top-level module of the standard library or of `provided`."
     found = []
     for folder in FOLDERS:
-        for path in sorted((root / folder).glob("*.py")):
+        for path in sorted((root / folder).rglob("*.py")):  # scripts in subfolders run with theirs first on sys.path
             name = path.stem
             if name in provided:
                 found.append(f"{path.relative_to(root)} hides the module {name!r} of {', '.join(sorted(set(provided[name])))}")

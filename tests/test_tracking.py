@@ -5,6 +5,8 @@ package is missing, and rank 0 alone writing under `launch`.
 Every run trains conftest's one-layer BERT (64 examples, batch 8: 8 steps an epoch) on one CPU thread, or, under
 `launch`, a 4-feature linear regression on two processes.
 """
+import importlib.metadata
+import importlib.util
 import json
 import os
 import signal
@@ -26,12 +28,13 @@ torch.set_num_threads(1)
 TESTS = Path(__file__).resolve().parent
 
 
-def make_trainer(tiny, out: Path, callbacks=(), eval_n: int = 0, **kw) -> Trainer:
-    "A fresh model and Trainer each time: a resumed run shares nothing in memory with the run it continues."
+def make_trainer(tiny, out: Path, callbacks=(), eval_n: int = 0, model_seed: int = 0, **kw) -> Trainer:
+    """A fresh model and Trainer each time: a resumed run shares nothing in memory with the run it continues (and
+    starts from other weights, `model_seed=1`, so that only the checkpoint can make it end where the run would)."""
     args = dict(output_dir=str(out), per_device_train_batch_size=8, learning_rate=1e-2, seed=7, logging_steps=1,
                 save_strategy="steps", save_steps=4, max_steps=12, report_to="none", disable_tqdm=True,
                 eval_strategy="steps" if eval_n else "no", eval_steps=5 if eval_n else None)
-    return Trainer(tiny.bert(dropout=0.1, seed=0), TrainingArguments(**{**args, **kw}), train_dataset=tiny.dataset(64, seed=0),
+    return Trainer(tiny.bert(dropout=0.1, seed=model_seed), TrainingArguments(**{**args, **kw}), train_dataset=tiny.dataset(64, seed=0),
                    eval_dataset=tiny.dataset(eval_n, seed=1) if eval_n else None, callbacks=list(callbacks))
 
 
@@ -96,7 +99,10 @@ def test_a_resumed_run_reports_to_the_same_tensorboard_run(tiny, tmp_path):
     out = tmp_path / "out"
     make_trainer(tiny, out, callbacks=[StopAt(4)], report_to="tensorboard").train()  # named after the time it started
     (run_dir,) = (out / "runs").iterdir()
-    make_trainer(tiny, out, report_to="tensorboard").train(resume_from_checkpoint=True)
+    from conftest import FirstStep
+    resumed = make_trainer(tiny, out, callbacks=[first := FirstStep()], model_seed=1, report_to="tensorboard")
+    resumed.train(resume_from_checkpoint=True)
+    assert first.first == 5, f"the resumed run started at step {first.first}, not 5"
     assert [p.name for p in (out / "runs").iterdir()] == [run_dir.name]
     ea = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     ea.Reload()
@@ -119,6 +125,7 @@ class InterruptAt(TrainerCallback):
 
 @pytest.mark.parametrize("how", ["new-trainer", "same-trainer"])
 def test_interrupt_and_resume_log_each_step_once_in_order(tiny, tmp_path, how):
+    from conftest import FirstStep
     straight = make_trainer(tiny, tmp_path / "straight", eval_n=16)
     straight.train()
     out = tmp_path / "split"
@@ -127,12 +134,17 @@ def test_interrupt_and_resume_log_each_step_once_in_order(tiny, tmp_path, how):
     assert loss_steps(read_log(out)) == list(range(1, 8))  # everything logged up to the interrupt is on disk
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-4", "checkpoint-7"]
 
+    first = FirstStep()
     if how == "new-trainer":
-        trainer = make_trainer(tiny, out, eval_n=16)
-        trainer.train(resume_from_checkpoint=True)
+        trainer = make_trainer(tiny, out, callbacks=[first], eval_n=16)
     else:  # the next cell of the notebook: a plain train() continues the interrupted run
         trainer.remove_callback(InterruptAt)
-        trainer.train()
+        trainer.add_callback(first)
+    # other weights than the run's (seed 1, not 0): only checkpoint-7 gives back step 7's
+    trainer.model.load_state_dict(tiny.bert(dropout=0.1, seed=1).state_dict())
+    if how == "new-trainer": trainer.train(resume_from_checkpoint=True)
+    else: trainer.train()
+    assert first.first == 8, f"the resumed run started at step {first.first}, not 8"
     records = read_log(out)
     assert loss_steps(records) == list(range(1, 13))
     assert [r["step"] for r in records if "eval_loss" in r] == [5, 10, 12]  # every 5 steps, and the last one
@@ -170,9 +182,11 @@ def test_crash_keeps_the_log_and_the_resumed_run_drops_the_steps_it_redoes(tiny,
     assert loss_steps(read_log(out)) == list(range(1, 8))  # every record up to the crash, in another process's file
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-4"]
 
-    trainer = make_trainer(tiny, out)
+    from conftest import FirstStep
+    trainer = make_trainer(tiny, out, callbacks=[first := FirstStep()], model_seed=1)
     capsys.readouterr()
     trainer.train(resume_from_checkpoint=True)  # from step 4: steps 5..7 are logged again
+    assert first.first == 5, f"the resumed run started at step {first.first}, not 5"
     assert "3 record(s) logged after the checkpoint of step 4 were dropped" in capsys.readouterr().out
     records = read_log(out)
     assert loss_steps(records) == list(range(1, 13))
@@ -264,7 +278,16 @@ def test_every_tracker_accelerate_knows_is_accepted():
         assert TrainingArguments(report_to=name).report_to == [name]
 
 
-MISSING = [name for name in PACKAGES if name not in installed_trackers()]
+def importable(name: str) -> bool:
+    """Whether the package of Accelerate's tracker `name` can be imported here, found with importlib alone (not with
+    `installed_trackers`, which the tests below check): its module (for tensorboard, tensorboardX's also does), aim before 4.0."""
+    modules = {"tensorboard": ("tensorboard", "tensorboardX")}.get(name, (name,))
+    if not any(importlib.util.find_spec(m) is not None for m in modules): return False
+    return name != "aim" or int(importlib.metadata.version("aim").split(".")[0]) < 4
+
+
+INSTALLED = [name for name in PACKAGES if importable(name)]
+MISSING = [name for name in PACKAGES if not importable(name)]
 
 
 @pytest.mark.skipif(not MISSING, reason="every tracker package is installed here: none is missing to test with")
@@ -277,8 +300,11 @@ def test_missing_tracker_package_is_an_error_before_training(tiny, tmp_path, nam
 
 
 def test_all_means_every_installed_tracker(tiny, tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is a dev requirement: pip install -e '.[dev]'")
+    assert "tensorboard" in INSTALLED
+    assert sorted(installed_trackers()) == sorted(INSTALLED)  # no tracker class is registered with Accelerate here
     trainer = make_trainer(tiny, tmp_path / "out", report_to="all", max_steps=2)
-    assert [str(t) for t in trainer.accelerator.log_with] == installed_trackers()
+    assert sorted(str(t) for t in trainer.accelerator.log_with) == sorted(INSTALLED)
 
 
 # ---------------------------------------------------------------------------------------------- launch
@@ -304,7 +330,7 @@ def _train_launched(model, out: str, report_to: str):
 
 
 def test_under_launch_only_rank_0_logs(tmp_path):
-    report_to = "tensorboard" if "tensorboard" in installed_trackers() else "none"
+    report_to = "tensorboard" if "tensorboard" in INSTALLED else "none"
     torch.manual_seed(0)
     history = launch(_train_launched, Regress(), str(tmp_path / "out"), report_to, num_processes=2)
     records = read_log(tmp_path / "out")

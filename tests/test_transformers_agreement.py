@@ -193,3 +193,50 @@ def test_train_batch_size_is_one_devices_batch(tmp_path):
     assert nb.args.train_batch_size == hf.args.train_batch_size == 2
     assert nb.state.train_batch_size == hf.state.train_batch_size == 2
     assert nb.state.total_train_batch_size == 8
+
+
+def bert_without_dropout():
+    model = bert()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout): m.p = 0.0  # the two trainers draw dropout masks in another order
+    return model
+
+
+@pytest.mark.parametrize("make_model", [bert_without_dropout, llama], ids=["classifier", "causal-lm"])
+def test_label_smoothing_trains_as_transformers(tmp_path, make_model):
+    # label_smoothing_factor: the same smoothed loss (shifted for a causal LM), logged and evaluated, step by step
+    if make_model is bert_without_dropout: train, evaluate = classification_data(8, 1), classification_data(4, 3)
+    else:
+        g = random.Random(2)
+        train = [{"input_ids": (ids := [g.randrange(1, 100) for _ in range(8)]), "labels": ids} for _ in range(8)]
+        evaluate = train[:4]
+    nb, hf = both(make_model, train, evaluate, tmp_path=tmp_path, per_device_train_batch_size=2, max_steps=4, logging_steps=1,
+                  eval_strategy="steps", eval_steps=4, label_smoothing_factor=0.1)
+    nb.train(); hf.train()
+    plain, _ = both(make_model, train, tmp_path=tmp_path / "plain", per_device_train_batch_size=2, max_steps=1, logging_steps=1)
+    plain.train()
+    assert logged(nb, "loss")[0] != pytest.approx(logged(plain, "loss")[0], rel=1e-5)  # the smoothing changes the loss
+    assert logged(nb, "loss") == pytest.approx(logged(hf, "loss"), rel=1e-5)
+    assert logged(nb, "eval_loss") == pytest.approx(logged(hf, "eval_loss"), rel=1e-4)  # batch means summed in another order
+
+
+def test_batch_eval_metrics_calls_compute_metrics_per_batch(tmp_path):
+    # batch_eval_metrics=True: compute_metrics(eval_pred, compute_result=...) sees each batch, the last with
+    # compute_result=True, and its return value then is the evaluation's metrics
+    def make_metric(calls):
+        sums = {"right": 0, "seen": 0}
+        def accuracy(p, compute_result):
+            calls.append(compute_result)
+            preds, labels = torch.as_tensor(p.predictions).argmax(-1), torch.as_tensor(p.label_ids)
+            sums["right"] += int((preds == labels).sum()); sums["seen"] += len(labels)
+            if not compute_result: return {}
+            value = sums["right"] / sums["seen"]; sums.update(right=0, seen=0)
+            return {"accuracy": value}
+        return accuracy
+    nb_calls, hf_calls = [], []
+    nb, hf = both(bert, classification_data(8, 1), classification_data(10, 3), tmp_path=tmp_path, per_device_train_batch_size=2,
+                  per_device_eval_batch_size=4, max_steps=2, batch_eval_metrics=True)
+    nb.compute_metrics, hf.compute_metrics = make_metric(nb_calls), make_metric(hf_calls)
+    nb_metrics, hf_metrics = nb.evaluate(), hf.evaluate()
+    assert nb_calls == hf_calls == [False, False, True]  # 10 examples in batches of 4
+    assert nb_metrics["eval_accuracy"] == pytest.approx(hf_metrics["eval_accuracy"])
