@@ -84,6 +84,18 @@ def FirstStep():
 
 
 @pytest.fixture
+def quiet_transformers():
+    "transformers' warnings and progress bars off for a test (files that compare with it use it for every test)."
+    import warnings
+    from transformers.utils import logging
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+@pytest.fixture
 def tiny():
     "The helpers above, as a fixture (so tests need not import conftest)."
     import types

@@ -2,7 +2,6 @@
 trainer, a test set without labels, a compute_metrics that needs the whole evaluation set, early stopping with
 evaluations outside the run, and models whose outputs hold scalars besides the loss."""
 import random
-import warnings
 
 import numpy as np
 import pytest
@@ -13,13 +12,7 @@ from nbtrain import EarlyStoppingCallback, Trainer, TrainingArguments
 torch.set_num_threads(1)
 
 
-@pytest.fixture(autouse=True)
-def quiet():
-    from transformers.utils import logging
-    logging.set_verbosity_error()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_transformers")
 
 
 def bert(seed: int = 0):

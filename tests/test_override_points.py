@@ -7,7 +7,6 @@ a one-layer BERT, 48 examples in batches of 8 with gradient accumulation 2 (6 mi
 hand — and compares the counts. `TrainingArguments` goes through `HfArgumentParser` on both sides, as scripts do.
 """
 import json
-import warnings
 
 import pytest
 import torch
@@ -24,13 +23,7 @@ ARGS = ["--output_dir", "OUT", "--per_device_train_batch_size", "8", "--per_devi
         "--seed", "3", "--do_train", "--do_eval"]
 
 
-@pytest.fixture(autouse=True)
-def quiet():
-    from transformers.utils import logging
-    logging.set_verbosity_error()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_transformers")
 
 
 def counting(base: type, name: str) -> type:

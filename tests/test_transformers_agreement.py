@@ -10,7 +10,6 @@ places where a silent difference would change what a user reads or trains (each 
 - the evaluation loss comes from `compute_loss_func` (or a `compute_loss` override), as the training loss does.
 """
 import random
-import warnings
 
 import pytest
 import torch
@@ -19,14 +18,7 @@ import torch.nn.functional as F
 torch.set_num_threads(1)
 
 
-@pytest.fixture(autouse=True)
-def quiet():
-    from transformers.utils import logging
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_transformers")
 
 
 def both(make_model, train=None, evaluate=None, nb_cls=None, hf_cls=None, tmp_path=None, **kw):

@@ -41,7 +41,7 @@ MUTANTS = [
            "nbtrain/trainer.py", "        self._continue_from = None\n",
            "        self._continue_from = None\n        resume_from_checkpoint = None\n",
            ["tests/test_checkpoint_resume.py", "tests/test_checkpoint_crash.py", "tests/test_checkpoint_files.py",
-            "tests/test_tracking.py"], select="resume or sigkill or pickles or interrupt"),
+            "tests/test_tracking.py"], select="(resume or sigkill or pickles or interrupt) and not resume_false and not random_collator_changes"),
     Mutant("interrupt-at-epoch-end", "a kernel interrupt stops at the end of the epoch instead of the next step",
            "nbtrain/trainer.py", "return control.should_epoch_stop or control.should_training_stop or self.interrupted",
            "return control.should_epoch_stop or control.should_training_stop",
