@@ -46,10 +46,13 @@ else:  # resume the crashed run from other initial weights (only the checkpoint 
 """
 
 
+HANG_GUARD_S = 300  # a hang guard for each child process, not a speed claim: a run takes a few seconds
+
+
 def resume_and_straight(out: Path, straight: Path) -> tuple[list[str], list[str]]:
     "The fingerprints of the resumed run and the straight one, and the first step each took."
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(out), "resume", str(straight)], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          timeout=HANG_GUARD_S, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return re.findall(r"FINGERPRINT \d+ \w+", proc.stdout), re.findall(r"FIRST STEP (\w+)", proc.stdout)
 
@@ -58,7 +61,7 @@ def test_sigkill_while_saving_resumes_from_previous_checkpoint(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(out), "fresh"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-    killed_in, deadline = None, time.monotonic() + 240
+    killed_in, deadline = None, time.monotonic() + HANG_GUARD_S
     try:
         while time.monotonic() < deadline and proc.poll() is None:
             # the save of step 4 has begun and its weights are on disk: the optimizer state is being written now
@@ -70,7 +73,7 @@ def test_sigkill_while_saving_resumes_from_previous_checkpoint(tmp_path):
             time.sleep(0.002)
     finally:
         if proc.poll() is None and killed_in is None: proc.kill()
-        _, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=HANG_GUARD_S)
     assert killed_in is not None, f"never saw the save of step 4 in progress; the process ended with: {err.decode()[-2000:]}"
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "checkpoint-4" / "COMPLETE").exists(), "killed too late: the save of step 4 had finished"
