@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import datetime
 import functools
+import inspect
 import json
 import math
 import os
@@ -40,8 +41,8 @@ from .tracking import LogFileCallback, TrackerCallback, history_from, resolve_tr
 __all__ = ['ENV_PRECISION', 'TRAJECTORY_ARGS', 'LAUNCH_STOP', 'TrainOutput', 'PredictionOutput', 'param_groups', 'make_optimizer',
            'make_scheduler', 'split_outputs', 'loss_shifts_labels', 'label_smoothed_loss', 'TrainingInterrupted',
            'LaunchStop', 'stop_with', 'InterruptFlag', 'NonFiniteLossError', 'describe_batch', 'batch_error',
-           'weights_finite', 'ScalerWatch', 'loader_position', 'stop_loader_workers', 'StopRequests', 'LossWeights',
-           'EvalLoopOutput', 'format_metrics', 'model_card', 'upload_folder', 'Trainer']
+           'weights_finite', 'ScalerWatch', 'NonFiniteGuard', 'loader_position', 'stop_loader_workers', 'StopRequests',
+           'LossWeights', 'EvalLoopOutput', 'format_metrics', 'model_card', 'upload_folder', 'Trainer']
 
 # %% ../nbs/06_trainer.ipynb #54985f06
 ENV_PRECISION = "NBTRAIN_MIXED_PRECISION"  # set by `launch` in its children; the Trainer's Accelerator uses it
@@ -287,6 +288,50 @@ class ScalerWatch:
         self.bad.zero_()
         return bad, seen, skipped
 
+def _takes_found_inf(optimizer) -> bool:
+    "Whether `optimizer.step()` skips itself where `optimizer.found_inf` is 1, as torch's fused optimizers do for a GradScaler."
+    if not getattr(optimizer, "_step_supports_amp_scaling", False): return False
+    try: return "grad_scaler" not in inspect.signature(optimizer.step).parameters  # one that takes the scaler itself: not this way
+    except (TypeError, ValueError): return False
+
+class NonFiniteGuard:
+    """No update from the first step whose loss or gradients are not finite: a sticky flag on the device, no sync.
+    The loop reads it (`read`) where it reads the loss, at log steps, and stops there."""
+    def __init__(self, optimizer, params: list, device):
+        self.flag = torch.zeros((), dtype=torch.float32, device=device)     # 1.0 from the first non-finite step on
+        self.skipped = torch.zeros((), dtype=torch.float32, device=device)  # steps not taken since then
+        self.on_device = _takes_found_inf(optimizer)
+        # float32 weights (and loss) on the flag's device: one kernel, the check GradScaler uses, flags a non-finite value
+        device = self.flag.device
+        self._one = (torch.ones((), device=device) if torch.get_default_dtype() == torch.float32
+                     and all(p.device == device and p.dtype == torch.float32 for p in params) else None)
+
+    def check(self, loss: torch.Tensor, grad_norm: torch.Tensor | None, params: list):
+        """Flag this step if the loss or the gradients are not finite, and count it when flagged. `loss` may be the sum
+        since the last log: it stays non-finite until then, and so does the flag. The gradients are checked through
+        clipping's `grad_norm`, or without clipping one by one."""
+        values = [loss, grad_norm] if grad_norm is not None else [loss] + [p.grad for p in params if p.grad is not None]
+        if self._one is not None:  # sets the flag where a value is not finite, never clears it; a scale of 1 changes nothing
+            torch._amp_foreach_non_finite_check_and_unscale_(values, self.flag, self._one)
+        else:
+            if grad_norm is None and len(values) > 1: grad_norm = torch.nn.utils.get_total_norm(values[1:])
+            x = loss - loss if grad_norm is None else torch.add(loss, grad_norm.to(loss.device))
+            self.flag.logical_or_(x - x)  # x - x is 0 for a finite x, NaN otherwise
+        self.skipped.add_(self.flag)
+
+    def step(self, optimizer):
+        "`optimizer.step()`, which leaves everything as it is once flagged: on the device where it can, else after a read."
+        if self.on_device:
+            optimizer.grad_scale, optimizer.found_inf = None, self.flag  # as GradScaler.step passes them, after unscale_
+            try: optimizer.step()
+            finally: del optimizer.grad_scale, optimizer.found_inf
+        elif not self.flag.item(): optimizer.step()  # a sync, for an optimizer that cannot skip on the device
+
+    def read(self, loss: torch.Tensor) -> tuple[float, int]:
+        "`loss` as a number, and the steps skipped so far; one sync."
+        value, skipped = torch.stack([loss.detach().float(), self.skipped.to(loss.device)]).tolist()
+        return value, int(skipped)
+
 # %% ../nbs/06_trainer.ipynb #ed06e745
 def _loader_iterators(error: BaseException | None) -> list:
     "The DataLoader iterators in the frames of `error`'s traceback and those of its causes."
@@ -509,6 +554,7 @@ class Trainer:
         # what nbtrain's own dataloaders note for the preflight; a subclass's get_*_dataloader leaves them empty
         self._first_batch = self._first_eval_batch = self._numbered = self._train_summary = None
         self._watch, self._good_checkpoint = None, None  # fp16's ScalerWatch; the checkpoint to go back to after a NaN
+        self._guard = None  # the run's NonFiniteGuard
         self._tr_loss, self._total_loss, self._logged_steps = torch.zeros(()), 0.0, 0
         defaults = [FlowCallback()]
         if self.args.output_dir: defaults.append(CheckpointCallback())  # also saves on interrupt with save_strategy="no"
@@ -599,8 +645,8 @@ class Trainer:
 
     # ---- loss -------------------------------------------------------------------------------
     def compute_loss_context_manager(self):
-        "The context the loss is computed in: autocast under mixed precision."
-        return self.accelerator.autocast()
+        "The context the loss is computed in: autocast under mixed precision (and nothing to enter per step without it)."
+        return self.accelerator.autocast() if self.accelerator.mixed_precision != "no" else contextlib.nullcontext()
 
     def compute_loss(self, model, inputs: dict, return_outputs: bool = False, num_items_in_batch=None):
         "The loss of one batch: the model's own, `compute_loss_func(outputs, labels)`, or label-smoothed; override for custom losses."
@@ -625,7 +671,7 @@ class Trainer:
 
     def training_step(self, model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
         "Forward and backward of one micro-batch, its loss weighed by its share of the step; returns the loss, detached."
-        model.train()
+        if not model.training: model.train()  # a no-op call would still walk every submodule, each micro-batch
         with self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
         # a loss already divided by num_items_in_batch (by compute_loss_func, or a compute_loss that says so) is not weighed again
@@ -817,6 +863,9 @@ class Trainer:
         self._weights = LossWeights(acc, self.label_names, (ga > 1 or world > 1) and loss_shifts_labels(self.model), ga)
         scaler = acc.scaler
         self._watch = watch = ScalerWatch(scaler, acc.device) if scaler is not None else None
+        # no update from the first non-finite step on (under fp16 the grad scaler skips such steps itself)
+        self._guard = (NonFiniteGuard(self.optimizer, [p for p in self.model.parameters() if p.requires_grad], acc.device)
+                       if a.nan_check != "off" and watch is None else None)
         self.state = TrainerState(max_steps=max_steps, num_train_epochs=math.ceil(max_steps / steps_per_epoch),
                                   steps_per_epoch=steps_per_epoch, logging_steps=a.interval("logging_steps", max_steps),
                                   eval_steps=a.interval("eval_steps", max_steps), save_steps=a.interval("save_steps", max_steps),
@@ -842,13 +891,15 @@ class Trainer:
         if loop: self._tr_loss.fill_(loop["tr_loss"]); self._total_loss, self._logged_steps = loop["total_loss"], loop["logged_steps"]
         self._step_lr = self.lr_scheduler.get_last_lr()[0]
         distributed = world > 1
-        @contextlib.contextmanager
-        def batch_errors(epoch: int, i: int, inputs: dict):  # a failing micro-batch, named with its step and place
-            try: yield
-            except _PASS_THROUGH: raise
-            except Exception as e:
-                raise batch_error(e, f"step {self.state.global_step + 1} (batch {run.update * ga + i} of epoch {epoch}, "
-                                     f"train_dataset); the model keeps the weights of step {self.state.global_step}", inputs) from e
+        trainer = self
+        class batch_errors:  # a failing micro-batch, named with its step and place (a class: cheaper per step than a generator)
+            def __init__(self, epoch: int, i: int, inputs: dict): self.epoch, self.i, self.inputs = epoch, i, inputs
+            def __enter__(self): return self
+            def __exit__(self, kind, e, tb):
+                if kind is None or not issubclass(kind, Exception) or issubclass(kind, _PASS_THROUGH): return False
+                st = trainer.state
+                raise batch_error(e, f"step {st.global_step + 1} (batch {run.update * ga + self.i} of epoch {self.epoch}, "
+                                     f"train_dataset); the model keeps the weights of step {st.global_step}", self.inputs) from e
         run = _Run(train_dl=train_dl, sampler=_epoch_sampler(train_dl), batches=None, batches_per_epoch=batches_per_epoch,
                    steps_per_epoch=steps_per_epoch, max_steps=max_steps, num_epochs=math.ceil(max_steps / steps_per_epoch),
                    start_epoch=start_epoch, skip_steps=skip_steps, resumed=bool(loop), update=0, last_in_epoch=False,
@@ -898,16 +949,19 @@ class Trainer:
             yield window
 
     def _optimizer_step(self, run: _Run):
-        "The step's update: the per-step NaN check when asked for, fp16 unscaling, clipping, the optimizer, the schedule."
-        a, optimizer, scaler = self.args, self.optimizer, self.accelerator.scaler
-        if run.nan_each_step and not math.isfinite(self._tr_loss.item()):  # a sync per step, asked for
-            optimizer.zero_grad(set_to_none=True)
-            raise self._non_finite(self.state.global_step + 1, self.state.global_step + 1, self._tr_loss.item(), taken=False)
+        "The step's update: fp16 unscaling, clipping, the non-finite check (per step when asked for), the optimizer, the schedule."
+        a, optimizer, scaler, guard = self.args, self.optimizer, self.accelerator.scaler, self._guard
         if scaler is not None: scaler.unscale_(optimizer)
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm) if a.max_grad_norm > 0 else None
+        if guard is not None:  # on the device: the loss and the gradients; from a non-finite one on, no update
+            guard.check(self._tr_loss, grad_norm, params)
+            if run.nan_each_step and guard.flag.item():  # a sync per step, asked for
+                optimizer.zero_grad(set_to_none=True)
+                raise self._non_finite(self.state.global_step + 1, self.state.global_step + 1, self._tr_loss.item(), taken=False)
         self._fire("on_pre_optimizer_step")
         if self._watch is not None: self._watch.step(optimizer)
+        elif guard is not None: guard.step(optimizer)
         else: optimizer.step()
         self._fire("on_optimizer_step")
         self._step_lr = self.lr_scheduler.get_last_lr()[0]  # the rate this step used, for the log
@@ -926,8 +980,8 @@ class Trainer:
         a = self.args
         stop_loader_workers(run.batches)
         if run.stop.interrupted: self._stop_interrupted()
-        rest = self._tr_loss.item()  # the loss since the last log (all of it with logging_strategy="no")
-        if a.nan_check != "off" and not math.isfinite(rest):
+        rest, skipped = self._loss_and_skips(self._tr_loss)  # the loss since the last log (all of it with logging_strategy="no")
+        if a.nan_check != "off" and (not math.isfinite(rest) or skipped):
             err = self._non_finite(self._logged_steps + 1, self.state.global_step, rest)
             self._fire("on_train_end", outcome="failed", error=err)
             raise err
@@ -994,10 +1048,10 @@ class Trainer:
     def _read_loss(self, tr_loss: torch.Tensor) -> tuple[float, int | None]:
         "The loss summed since the last log, and (fp16) the steps skipped so far; a non-finite loss stops the run."
         acc, w, check = self.accelerator, self._watch, self.args.nan_check != "off"
-        total = acc.reduce(tr_loss, "mean").item() if acc.num_processes > 1 else tr_loss.item()
+        total, skipped = self._loss_and_skips(acc.reduce(tr_loss, "mean") if acc.num_processes > 1 else tr_loss)
         first, last = self._logged_steps + 1, self.state.global_step
         if w is None:
-            if check and not math.isfinite(total): raise self._non_finite(first, last, total)
+            if check and (not math.isfinite(total) or skipped): raise self._non_finite(first, last, total)
             return total, None
         bad, seen, skipped = w.read()
         if bad and bad == seen:  # not one finite loss since the last log: more than overflows
@@ -1005,13 +1059,24 @@ class Trainer:
             return float("nan"), skipped
         return (total * seen / (seen - bad) if bad else total), skipped  # the mean of the finite losses, per step
 
+    def _loss_and_skips(self, loss: torch.Tensor) -> tuple[float, int]:
+        "`loss` as a number, and the steps `NonFiniteGuard` skipped in this run (0 without one); one sync."
+        return self._guard.read(loss) if self._guard is not None else (loss.item(), 0)
+
     def _non_finite(self, first: int, last: int, value: float, taken: bool = True) -> NonFiniteLossError:
         "The error for a non-finite loss in steps `first..last`, after putting the model back to finite weights if it can."
         a, st = self.args, self.state
         where = f"at step {last}" if first == last else f"in steps {first}-{last}"
         how = ("it is checked at every step (nan_check='step')" if a.nan_check == "step" and self._watch is None else
                "the loss is checked at log steps; nan_check='step' finds the exact step")
+        skipped = self._loss_and_skips(self._tr_loss)[1]
+        what = (f"The gradients are not finite {where}, with a finite loss" if skipped and math.isfinite(value)
+                else f"The training loss is {value} {where}")
         if not taken: kept = f"The step was not taken: the model keeps its finite weights of step {st.global_step}."
+        elif skipped and weights_finite(self.model):
+            good = st.global_step - skipped
+            kept = (f"No update was applied from step {good + 1} on: the model keeps the weights of step {good}, the last "
+                    "finite one (and the optimizer its state).")
         elif weights_finite(self.model): kept = f"The model's weights are still finite (those of step {st.global_step})."
         elif self._good_checkpoint is not None and Path(self._good_checkpoint).is_dir():
             load_weights(self.model, self._good_checkpoint)
@@ -1021,7 +1086,7 @@ class Trainer:
                       "save_steps keep one).")
         fp16 = " Under fp16 every step since the last log had a non-finite loss: more than the overflows the grad scaler skips." if self._watch else ""
         return NonFiniteLossError(
-            f"The training loss is {value} {where} ({how}); training stopped at step {st.global_step}.{fp16} {kept} "
+            f"{what} ({how}); training stopped at step {st.global_step}.{fp16} {kept} "
             "Lower the learning_rate, keep gradient clipping on (max_grad_norm), look for extreme values in the data, or "
             "use bf16 rather than fp16; trainer.train(resume_from_checkpoint=...) continues from a checkpoint.")
 
@@ -1029,8 +1094,8 @@ class Trainer:
         "Save this step's checkpoint; never one of non-finite weights, and a failed write says what is kept."
         st = self.state
         if self.args.nan_check != "off":
-            loss = self._tr_loss.item()
-            if not math.isfinite(loss) or not weights_finite(self.model):
+            loss, skipped = self._loss_and_skips(self._tr_loss)
+            if not math.isfinite(loss) or skipped or not weights_finite(self.model):
                 raise self._non_finite(self._logged_steps + 1, st.global_step, loss)
         self._saved_step = st.global_step
         try: self._fire("on_save")

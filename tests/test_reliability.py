@@ -104,22 +104,39 @@ def same(a: dict, b: dict) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- NaN / inf
-def test_nan_found_at_the_next_log_model_goes_back_to_last_checkpoint(tmp_path):
+def test_nan_found_at_the_next_log_model_keeps_the_last_finite_step(tmp_path):
     torch.manual_seed(0); model = NanAt({8})
     outcome = Outcome()
     t = trainer(model, args(tmp_path, max_steps=20, save_strategy="steps", save_steps=5), callbacks=[outcome])
     with pytest.raises(NonFiniteLossError, match=r"loss is nan in steps 6-10 .*nan_check='step' finds the exact step.*"
-                       r"training stopped at step 10.*not finite; they are now those of .*checkpoint-5") as e:
+                       r"training stopped at step 10. No update was applied from step 8 on: the model keeps the weights "
+                       r"of step 7, the last finite one") as e:
         t.train()
     assert t.state.global_step == 10
     out = tmp_path / "out"
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-5"]  # kept, and nothing saved after the NaN
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert same(weights(t.model), weights(run_clean(max_steps=7).model))  # newer than the checkpoint: step 7's
+    assert outcome.outcome == "failed" and outcome.error is e.value  # the dashboard's snapshot says failed
+    assert any(h.get("loss") is not None for h in t.state.log_history)  # the logs before the NaN are kept
+
+
+def test_weights_made_non_finite_otherwise_go_back_to_the_last_checkpoint(tmp_path):
+    class PoisonAt(TrainerCallback):
+        "Writes a NaN into the weights after step 8, past the optimizer: the guard cannot keep it out."
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 8:
+                with torch.no_grad(): model.body[0].weight[0, 0] = float("nan")
+    torch.manual_seed(0); model = TinyNet()
+    t = trainer(model, args(tmp_path, max_steps=20, save_strategy="steps", save_steps=5), callbacks=[PoisonAt()])
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan in steps 6-10 .*training stopped at step 10.*not finite; "
+                                                 r"they are now those of .*checkpoint-5"):
+        t.train()
+    out = tmp_path / "out"
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-5"]
     assert weights_finite(t.model)
     saved = read_weights(out / "checkpoint-5")
     assert all(torch.equal(t.model.state_dict()[k], v) for k, v in saved.items())
-    assert outcome.outcome == "failed" and outcome.error is e.value  # the dashboard's snapshot says failed
-    assert any(h.get("loss") is not None for h in t.state.log_history)  # the logs before the NaN are kept
 
 
 def test_nan_check_step_stops_before_the_bad_step(tmp_path):
@@ -140,17 +157,20 @@ def test_nan_never_saved_in_a_checkpoint(tmp_path):
     # logs every 10 steps, saves every 2: the NaN of step 3 is found when step 4 is about to be saved
     torch.manual_seed(0); model = NanAt({3})
     t = trainer(model, args(tmp_path, max_steps=20, logging_steps=10, save_strategy="steps", save_steps=2))
-    with pytest.raises(NonFiniteLossError, match=r"in steps 1-4.*now those of .*checkpoint-2"):
+    with pytest.raises(NonFiniteLossError, match=r"in steps 1-4.*the model keeps the weights of step 2, the last finite one"):
         t.train()
     assert [p.name for p in list_checkpoints(tmp_path / "out")] == ["checkpoint-2"]
-    assert weights_finite(t.model)
+    saved = read_weights(tmp_path / "out" / "checkpoint-2")
+    assert all(torch.equal(t.model.state_dict()[k], v) for k, v in saved.items())
 
 
 def test_nan_without_a_checkpoint_says_so():
     torch.manual_seed(0); model = NanAt({3})
     t = trainer(model, args(max_steps=20))
-    with pytest.raises(NonFiniteLossError, match=r"in steps 1-5.*not finite, and no checkpoint was saved to go back to"):
+    with pytest.raises(NonFiniteLossError, match=r"in steps 1-5.*No update was applied from step 3 on: the model keeps the "
+                                                 r"weights of step 2, the last finite one \(and the optimizer its state\)"):
         t.train()
+    assert weights_finite(t.model)
 
 
 def test_interrupt_after_a_nan_saves_no_checkpoint(tmp_path):
@@ -172,6 +192,114 @@ def test_nan_check_off_trains_through():
     t.train()
     assert t.state.global_step == 10
     assert [h["loss"] != h["loss"] for h in t.state.log_history if "loss" in h] == [True, True]  # nan, logged as nan
+
+
+# ---------------------------------------------------------------------------------------------- a non-finite step never reaches the weights
+def run_clean(max_steps: int, optimizer=None, **kw) -> Trainer:
+    "A run of `max_steps` steps of a clean TinyNet (the NaN runs' initial weights), arguments as `args(**kw)`."
+    torch.manual_seed(0); model = TinyNet()
+    t = trainer(model, args(max_steps=max_steps, **kw), optimizers=(optimizer(model), None) if optimizer else (None, None))
+    t.train()
+    return t
+
+
+def optimizer_state(opt) -> list[dict]:
+    "Per parameter, the optimizer's state tensors (AdamW: step, exp_avg, exp_avg_sq; SGD: momentum_buffer), cloned."
+    return [{k: v.detach().clone() for k, v in st.items() if torch.is_tensor(v)} for st in opt.state_dict()["state"].values()]
+
+
+def same_state(a: list[dict], b: list[dict]) -> bool:
+    return len(a) == len(b) and all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
+
+
+def sgd(model): return torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+
+
+GUARDED = {  # (arguments, the forward call made NaN: step 5's first micro-batch, an optimizer of the user's)
+    "fused-adamw-no-output-dir": ({}, 5, None),
+    "save-strategy-no": ({"output_dir": "out"}, 5, None),
+    "accumulation": ({"gradient_accumulation_steps": 2}, 9, None),  # step 5 is forward calls 9 and 10
+    "bf16-autocast": ({"bf16": True}, 5, None),
+    "no-clipping": ({"max_grad_norm": 0}, 5, None),
+    "adamw-not-fused": ({"optim": "adamw_torch"}, 5, None),  # skipped after a host read of the flag
+    "users-sgd": ({}, 5, sgd),
+}
+
+
+@pytest.mark.parametrize("case", list(GUARDED))
+def test_a_nan_step_never_reaches_the_weights_or_the_optimizer(case, tmp_path):
+    kw, call, optimizer = GUARDED[case]
+    if kw.get("output_dir"): kw = {**kw, "output_dir": str(tmp_path / "out")}
+    torch.manual_seed(0); model = NanAt({call})
+    dtypes = activation_dtypes(model)
+    t = trainer(model, args(max_steps=20, logging_steps=10, **kw), optimizers=(optimizer(model), None) if optimizer else (None, None))
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan in steps 1-10 .*training stopped at step 10\. No update was "
+                                                 r"applied from step 5 on: the model keeps the weights of step 4, the last finite one"):
+        t.train()
+    assert dtypes == ({torch.bfloat16} if kw.get("bf16") else {torch.float32}), dtypes
+    if kw.get("output_dir"): assert list_checkpoints(tmp_path / "out") == []
+    clean = run_clean(4, optimizer=optimizer, **{**kw, "output_dir": None})
+    assert same(weights(t.model), weights(clean.model)), "the weights are not those of a run that stopped after step 4"
+    assert same_state(optimizer_state(t.optimizer), optimizer_state(clean.optimizer)), "the optimizer moved on"
+    if optimizer is None:  # AdamW's moments and its step count
+        assert {k for st in optimizer_state(t.optimizer) for k in st} == {"step", "exp_avg", "exp_avg_sq"}
+        assert all(st["step"].item() == 4 for st in optimizer_state(t.optimizer))
+
+
+@pytest.mark.parametrize("clip", [1.0, 0.0], ids=["clipped", "no-clipping"])
+def test_an_infinite_gradient_with_a_finite_loss_is_skipped_too(clip):
+    # the loss stays finite, so the flag alone holds the later (finite) steps back, and the log step still stops the run
+    torch.manual_seed(0); model = OverflowAt({5})
+    t = trainer(model, args(max_steps=20, logging_steps=10, max_grad_norm=clip))
+    with pytest.raises(NonFiniteLossError, match=r"gradients are not finite in steps 1-10, with a finite loss .*"
+                                                 r"the model keeps the weights of step 4, the last finite one"):
+        t.train()
+    clean = run_clean(4, max_grad_norm=clip)
+    assert same(weights(t.model), weights(clean.model))
+    assert same_state(optimizer_state(t.optimizer), optimizer_state(clean.optimizer))
+
+    torch.manual_seed(0); model = OverflowAt({5})
+    t = trainer(model, args(max_steps=20, logging_steps=10, max_grad_norm=clip, nan_check="step"))
+    with pytest.raises(NonFiniteLossError, match=r"gradients are not finite at step 5, with a finite loss \(it is checked "
+                                                 r"at every step.*training stopped at step 4\. The step was not taken"):
+        t.train()
+    assert same(weights(t.model), weights(clean.model))
+
+
+def test_nan_check_off_lets_the_nan_step_into_the_weights():
+    "The control of the test above: without the guard, step 5's NaN reaches the weights and the moments."
+    torch.manual_seed(0); model = NanAt({5})
+    t = trainer(model, args(max_steps=10, logging_steps=10, nan_check="off"))
+    t.train()
+    assert not weights_finite(t.model)
+    assert not all(torch.isfinite(st["exp_avg"]).all() for st in optimizer_state(t.optimizer))
+
+
+def host_reads(steps: int, **kw) -> int:
+    """The loop's reads of a tensor's value (`.item()`, `bool()`: aten::_local_scalar_dense) in a `train()` of one epoch.
+    Reads inside torch's own CPU kernels (the fused AdamW reads its scalars on the CPU) run below the mode: not counted."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    class Count(TorchDispatchMode):
+        n = 0
+        def __torch_dispatch__(self, func, types, a=(), k=None):
+            if func is torch.ops.aten._local_scalar_dense.default: self.n += 1
+            return func(*a, **(k or {}))
+    torch.manual_seed(0); model = TinyNet()
+    t = trainer(model, args(max_steps=steps, logging_steps=1000, **kw), data=make_data(512, seed=1))
+    with Count() as count: t.train()
+    return count.n
+
+
+@pytest.mark.parametrize("kw", [{}, {"max_grad_norm": 0}, {"gradient_accumulation_steps": 2}, {"bf16": True}],
+                         ids=["default", "no-clipping", "accumulation", "bf16"])
+def test_the_guard_reads_nothing_per_step(kw):
+    # as many reads in 24 steps as in 4: none per step (the fused AdamW skips on the device)
+    assert host_reads(24, **kw) == host_reads(4, **kw)
+
+
+def test_nan_check_step_reads_every_step():
+    "The counter's control: nan_check='step' reads the flag at every step."
+    assert host_reads(24, nan_check="step") >= host_reads(4, nan_check="step") + 20
 
 
 # ---------------------------------------------------------------------------------------------- fp16 overflow
