@@ -511,6 +511,7 @@ class _Run:
     no_sync: Callable        # (model, i) -> DDP's no_sync but on a step's last micro-batch
     add_loss: Callable       # (tr_loss, loss): the sum of the step losses, fp16 overflows left out
     nan_each_step: bool
+    params: list             # the trainable parameters, listed once: clipping and the non-finite check take them each step
     batches: Any = None      # this epoch's iterator
     update: int = 0          # the step's index in its epoch
     last_in_epoch: bool = False
@@ -864,8 +865,8 @@ class Trainer:
         scaler = acc.scaler
         self._watch = watch = ScalerWatch(scaler, acc.device) if scaler is not None else None
         # no update from the first non-finite step on (under fp16 the grad scaler skips such steps itself)
-        self._guard = (NonFiniteGuard(self.optimizer, [p for p in self.model.parameters() if p.requires_grad], acc.device)
-                       if a.nan_check != "off" and watch is None else None)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self._guard = NonFiniteGuard(self.optimizer, params, acc.device) if a.nan_check != "off" and watch is None else None
         self.state = TrainerState(max_steps=max_steps, num_train_epochs=math.ceil(max_steps / steps_per_epoch),
                                   steps_per_epoch=steps_per_epoch, logging_steps=a.interval("logging_steps", max_steps),
                                   eval_steps=a.interval("eval_steps", max_steps), save_steps=a.interval("save_steps", max_steps),
@@ -909,7 +910,7 @@ class Trainer:
                    no_sync=lambda model, i: acc.no_sync(model) if distributed and i < self._weights.n - 1 else contextlib.nullcontext(),
                    add_loss=watch.add_loss if watch is not None else lambda tr_loss, loss: tr_loss.add_(loss),
                    # fp16: a single non-finite loss is an overflow the scaler skips, so the check waits for the log step
-                   nan_each_step=a.nan_check == "step" and watch is None)
+                   nan_each_step=a.nan_check == "step" and watch is None, params=params)
         self.model_wrapped.train()
         return run
 
@@ -952,7 +953,7 @@ class Trainer:
         "The step's update: fp16 unscaling, clipping, the non-finite check (per step when asked for), the optimizer, the schedule."
         a, optimizer, scaler, guard = self.args, self.optimizer, self.accelerator.scaler, self._guard
         if scaler is not None: scaler.unscale_(optimizer)
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = run.params
         grad_norm = torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm) if a.max_grad_norm > 0 else None
         if guard is not None:  # on the device: the loss and the gradients; from a non-finite one on, no update
             guard.check(self._tr_loss, grad_norm, params)
