@@ -18,7 +18,6 @@ statuses = ['1 - Planning', '2 - Pre-Alpha', '3 - Alpha', '4 - Beta', '5 - Produ
 py_versions = '3.10 3.11 3.12 3.13'.split()
 
 requirements = shlex.split(cfg.get('requirements', ''))
-dev_requirements = shlex.split(cfg.get('dev_requirements', ''))
 min_python = cfg['min_python']
 lic = licenses.get(cfg['license'].lower(), (cfg['license'], None))
 lib_path = cfg.get('lib_path', cfg['lib_name'])
@@ -35,7 +34,9 @@ setuptools.setup(
     packages=setuptools.find_packages(include=[lib_path, f'{lib_path}.*']),
     include_package_data=True,
     install_requires=requirements,
-    extras_require={'dev': dev_requirements},
+    # every `<name>_requirements` of settings.ini is the extra `nbtrain[<name>]` (dev, peft, qlora, ...)
+    extras_require={k.removesuffix('_requirements'): shlex.split(v) for k, v in cfg.items()
+                    if k.endswith('_requirements')},
     python_requires='>=' + min_python,
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',

@@ -8,9 +8,10 @@ from nbtrain.events import EarlyStoppingCallback, TrainerCallback, TrainerContro
 from nbtrain.metrics import EvalPrediction, MetricError
 from nbtrain.trainer import NonFiniteLossError, PredictionOutput, TrainOutput, Trainer
 from nbtrain.seq2seq import Seq2SeqTrainer, Seq2SeqTrainingArguments
+from nbtrain.sft import SFTConfig, SFTTrainer
 from nbtrain.tracking import history_from
 
 __all__ = ["Trainer", "TrainingArguments", "TrainerCallback", "TrainerControl", "TrainerState", "EarlyStoppingCallback",
            "EvalPrediction", "PredictionOutput", "TrainOutput", "load_checkpoint", "launch",
-           "Seq2SeqTrainer", "Seq2SeqTrainingArguments", "history_from",
+           "Seq2SeqTrainer", "Seq2SeqTrainingArguments", "SFTTrainer", "SFTConfig", "history_from",
            "DataError", "MetricError", "CheckpointError", "CheckpointWriteError", "NonFiniteLossError"]

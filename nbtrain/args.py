@@ -160,6 +160,9 @@ class TrainingArguments(_TransformersFields):
     torch_compile: bool = False
     torch_compile_backend: str | None = None
     torch_compile_mode: str | None = None
+    # recompute activations in the backward (transformers models): less memory, a slower step; a LoRA model gets input grads
+    gradient_checkpointing: bool = False
+    gradient_checkpointing_kwargs: dict | str | None = None  # for torch's checkpoint (JSON on a command line); None: the model's default
     # what scripts pass and read (`--do_train`, the log level, the rank); a Trainer has nothing to do with them
     do_train: bool = False
     do_eval: bool = False
@@ -172,6 +175,7 @@ class TrainingArguments(_TransformersFields):
     # evaluation, as transformers does it: a loss only, or compute_metrics called batch by batch
     prediction_loss_only: bool = False
     batch_eval_metrics: bool = False
+    shift_metric_labels: bool | None = None  # None: a causal LM's metrics pair position t with label t+1
     label_smoothing_factor: float = 0.0
     # where `trainer.push_to_hub()` uploads (nbtrain does not push during training: `push_to_hub` stays False)
     hub_model_id: str | None = None
@@ -358,6 +362,11 @@ def _check_values(args):
         elif not (v is None and name == "eval_steps" or _is_int(v) and v >= 1 or _is_real(v) and 0 < v < 1):
             raise ValueError(f"{name}={v!r}: must be a positive whole number of steps, or a fraction of the run below 1 (e.g. 0.1).")
     if args.max_grad_norm is None: args.max_grad_norm = 0.0  # transformers' spelling of no clipping
+    if isinstance(args.gradient_checkpointing_kwargs, str):  # a command line's JSON, as transformers reads it
+        try: args.gradient_checkpointing_kwargs = json.loads(args.gradient_checkpointing_kwargs)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"gradient_checkpointing_kwargs={args.gradient_checkpointing_kwargs!r} is not JSON ({e}); "
+                             'pass a dict, e.g. {"use_reentrant": false}.') from e
     for name, lo, hi, hint in (("num_train_epochs", None, None, "a finite number of epochs, e.g. 3"),
                                ("learning_rate", None, None, "a finite positive number, e.g. 2e-5"),
                                ("weight_decay", 0, None, "0 or more, e.g. 0.01"),
@@ -385,7 +394,6 @@ def _check_choice(name: str, value, choices: tuple):
 _INSTEAD = {"push_to_hub": "train, then call trainer.push_to_hub()",
             "deepspeed": "nbtrain runs DDP across processes (nbtrain.launch, or accelerate launch); use transformers.Trainer for DeepSpeed",
             "fsdp": "nbtrain runs DDP across processes (nbtrain.launch, or accelerate launch); use transformers.Trainer for FSDP",
-            "gradient_checkpointing": "call model.gradient_checkpointing_enable() before building the Trainer",
             "use_cpu": "nbtrain trains on the GPU when there is one; hide it with CUDA_VISIBLE_DEVICES='' to train on the CPU"}
 
 def _ours(cls: type) -> set[str]:

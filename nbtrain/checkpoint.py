@@ -11,6 +11,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -18,14 +19,18 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .adapters import (adapter_files, adapter_mismatch, is_adapter_folder, is_peft_model, load_adapter,
+                              load_trainable, save_adapter)
 from .events import TrainerCallback, TrainerState
 
 # %% auto #0
-__all__ = ['PREFIX', 'MARKER', 'WEIGHTS', 'CheckpointError', 'CheckpointWriteError', 'optimizer_to_files', 'optimizer_from_files',
-           'rng_to_files', 'rng_from_files', 'save_weights', 'check_weight_files', 'weights_mismatch', 'read_weights',
-           'load_weights', 'is_complete', 'list_checkpoints', 'latest_checkpoint', 'clean_leftovers', 'save_checkpoint',
-           'os_error', 'rotate_checkpoints', 'resolve_checkpoint', 'load_checkpoint', 'restore_training',
-           'read_loop_state', 'CheckpointCallback']
+__all__ = ['PREFIX', 'MARKER', 'WEIGHTS', 'LOCK', 'CheckpointError', 'DamagedCheckpointError', 'CheckpointWriteError',
+           'param_names', 'optimizer_to_files', 'optimizer_from_files', 'optimizer_mismatch', 'rng_to_files',
+           'rng_from_files', 'save_weights', 'check_weight_files', 'weights_mismatch', 'read_weights',
+           'read_model_weights', 'model_mismatch', 'load_weights', 'is_complete', 'list_checkpoints',
+           'latest_checkpoint', 'clean_leftovers', 'save_checkpoint', 'os_error', 'rotate_checkpoints', 'OutputDirBusy',
+           'RunLock', 'resolve_checkpoint', 'load_checkpoint', 'restore_training', 'read_loop_state',
+           'CheckpointCallback']
 
 # %% ../nbs/04_checkpoint.ipynb #6898e118
 PREFIX = "checkpoint"
@@ -35,6 +40,9 @@ _STEP = re.compile(rf"^{PREFIX}-(\d+)$")
 
 class CheckpointError(ValueError):
     "A checkpoint that cannot be used: damaged, incomplete, or not made for this model."
+
+class DamagedCheckpointError(CheckpointError):
+    "A checkpoint file that is missing, cut short or not what it should be; the message names it."
 
 class CheckpointWriteError(OSError):
     "A checkpoint that could not be written (disk full, permission denied); `errno` is the file system's."
@@ -71,24 +79,29 @@ def _read_json(path: Path, hook=None):
     "JSON from `path`; a file that is not JSON (or is cut short) is an error that names it."
     try: return json.loads(path.read_text(), object_hook=hook)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({type(e).__name__}: {e}); the file is damaged or was "
+        raise DamagedCheckpointError(f"{path} is not valid JSON ({type(e).__name__}: {e}); the file is damaged or was "
                               "replaced. Use another checkpoint.") from e
 
 def _read_state(path: Path): return _read_json(path, _untag)
 
 def _load_tensors(path: Path) -> dict:
     "`safetensors.torch.load_file`, with an error that names the file when it is damaged, cut short or not safetensors."
-    if not path.is_file(): raise CheckpointError(f"{path} is missing: the checkpoint is incomplete or was edited. Use another checkpoint.")
+    if not path.is_file(): raise DamagedCheckpointError(f"{path} is missing: the checkpoint is incomplete or was edited. Use another checkpoint.")
     try: return load_file(path)
     except Exception as e: raise _unreadable(path, e) from e
 
 def _unreadable(path: Path, e: Exception) -> CheckpointError:
-    return CheckpointError(f"{path} cannot be read as safetensors ({path.stat().st_size} bytes; {type(e).__name__}: {e}). The file is "
+    return DamagedCheckpointError(f"{path} cannot be read as safetensors ({path.stat().st_size} bytes; {type(e).__name__}: {e}). The file is "
                            "truncated, damaged or not a safetensors file (a pickle is never loaded). Use another checkpoint.")
 
 # %% ../nbs/04_checkpoint.ipynb #f865b07c
-def optimizer_to_files(optimizer, folder: Path):
-    "Write an optimizer's state as `optimizer.safetensors` + `optimizer.json`."
+def param_names(model: torch.nn.Module, optimizer) -> list[list[str]]:
+    "The name in `model` of each parameter of each of `optimizer`'s groups (`?` for one the model does not hold)."
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names.get(id(p), "?") for p in g["params"]] for g in optimizer.param_groups]
+
+def optimizer_to_files(optimizer, folder: Path, model: torch.nn.Module | None = None):
+    "Write an optimizer's state as `optimizer.safetensors` + `optimizer.json` (with `model`, the names of its tensors)."
     sd = optimizer.state_dict()
     tensors, plain = {}, {}
     for pid, st in sd["state"].items():
@@ -101,7 +114,9 @@ def optimizer_to_files(optimizer, folder: Path):
         for k, v in g.items():
             if isinstance(v, torch.Tensor): tensors[f"group.{i}.{k}"] = v.detach().contiguous().cpu()
     save_file(tensors, folder / "optimizer.safetensors")
-    _write_state(folder / "optimizer.json", {"param_groups": groups, "state": plain})
+    meta = {"param_groups": groups, "state": plain}
+    if model is not None: meta["param_names"] = param_names(model, optimizer)
+    _write_state(folder / "optimizer.json", meta)
 
 def optimizer_from_files(folder: Path) -> dict:
     "Read back the `state_dict` written by `optimizer_to_files`."
@@ -113,6 +128,21 @@ def optimizer_from_files(folder: Path) -> dict:
         if kind == "group": groups[int(i)][k] = t
         else: state.setdefault(int(i), {})[k] = t
     return {"state": state, "param_groups": groups}
+
+def optimizer_mismatch(folder: Path, model: torch.nn.Module, optimizer) -> str | None:
+    "Which trainable tensors differ between the optimizer state saved in `folder` and `optimizer` over `model`; None when they match."
+    saved = _read_state(folder / "optimizer.json").get("param_names")
+    now = param_names(model, optimizer)
+    if saved is None or saved == now: return None  # a checkpoint without names: torch checks the group sizes
+    was, has = {n for g in saved for n in g}, {n for g in now for n in g}
+    gone, new = sorted(was - has), sorted(has - was)
+    listed = lambda names: ", ".join(names[:10]) + (f", ... ({len(names) - 10} more)" if len(names) > 10 else "")
+    what = "; ".join(p for p in (f"{len(gone)} trained then, not now: {listed(gone)}" * bool(gone),
+                                 f"{len(new)} trainable now, not then: {listed(new)}" * bool(new)) if p)
+    return (f"the optimizer state in {folder} is for other trainable tensors than this model's: "
+            + (what or "the same tensors in other groups or another order (another weight_decay split, another optimizer?)")
+            + ". Make the same tensors trainable (requires_grad) as in the run that saved it (the same adapter config, the "
+            "same frozen layers), or start a new run (train(resume_from_checkpoint=False)).")
 
 # %% ../nbs/04_checkpoint.ipynb #4c81f2fb
 def rng_to_files(folder: Path):
@@ -142,7 +172,9 @@ def rng_from_files(folder: Path):
 def save_weights(model: torch.nn.Module, folder: str | Path):
     "Save a model's weights (and config, for transformers models) into `folder`."
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
-    if hasattr(model, "save_pretrained"):
+    if is_peft_model(model):
+        with _quiet_transformers(): save_adapter(model, folder)
+    elif hasattr(model, "save_pretrained"):
         with _quiet_transformers(): model.save_pretrained(folder)
     else:
         from safetensors.torch import save_model
@@ -162,6 +194,10 @@ def _weight_files(folder: Path) -> list[Path]:
     files = sorted(folder.glob("model*.safetensors"))
     if not files:
         present = sorted(f.name for f in folder.iterdir()) if folder.is_dir() else []
+        if is_adapter_folder(folder):
+            raise CheckpointError(f"{folder} holds a PEFT adapter ({present[:10]}), not a whole model: load it onto its base "
+                                  "model, nbtrain.load_checkpoint(folder, model=base) (trainable), or "
+                                  "peft.PeftModel.from_pretrained(base, folder) (frozen, for inference).")
         raise CheckpointError(f"{folder} holds no model*.safetensors file (it has {present[:10]}); is this a checkpoint "
                               "or a saved model folder? Only safetensors weights are loaded, never a pickle (*.bin, *.pt).")
     return files
@@ -207,12 +243,28 @@ def read_weights(folder: str | Path) -> dict:
     for f in _weight_files(Path(folder)): saved.update(_load_tensors(f))
     return saved
 
+def read_model_weights(model: torch.nn.Module, folder: str | Path) -> dict:
+    "The saved weights `model` takes from `folder`: a PeftModel's adapters (`{adapter: tensors}`), any other model's tensors."
+    if not is_peft_model(model): return read_weights(folder)
+    if not is_adapter_folder(folder):
+        raise CheckpointError(f"{folder} holds no adapter (no adapter_config.json), and the model is a PeftModel: it is a "
+                              "checkpoint of a whole model. Load it into the base model, or resume a PEFT run from its own checkpoints.")
+    return {name: _load_tensors(f) for name, f in adapter_files(model, folder).items()}
+
+def model_mismatch(model: torch.nn.Module, saved: dict, folder) -> str | None:
+    "`weights_mismatch`, or for a PeftModel the adapters' (`nbtrain.adapters.adapter_mismatch`)."
+    return adapter_mismatch(model, saved, folder) if is_peft_model(model) else weights_mismatch(model, saved, folder)
+
+def _put_weights(model: torch.nn.Module, saved: dict):
+    if is_peft_model(model): load_adapter(model, saved)
+    else: model.load_state_dict(saved, strict=False)
+
 def load_weights(model: torch.nn.Module, folder: str | Path) -> torch.nn.Module:
-    "Load `folder`'s weights into `model`, after checking that every name and shape fits."
-    saved = read_weights(folder)
-    problem = weights_mismatch(model, saved, folder)
+    "Load `folder`'s weights (a PeftModel: its adapter) into `model`, after checking that every name and shape fits."
+    saved = read_model_weights(model, folder)
+    problem = model_mismatch(model, saved, folder)
     if problem: raise CheckpointError(problem)
-    model.load_state_dict(saved, strict=False)
+    _put_weights(model, saved)
     return model
 
 def _is_tied(model, key, saved) -> bool:
@@ -279,7 +331,7 @@ def save_checkpoint(output_dir: str | Path, state: TrainerState, model, optimize
         part = "the model weights"; save_weights(model, tmp)
         if processing_class is not None and hasattr(processing_class, "save_pretrained"):
             part = "the tokenizer"; processing_class.save_pretrained(tmp)
-        if optimizer is not None: part = "the optimizer state"; optimizer_to_files(optimizer, tmp)
+        if optimizer is not None: part = "the optimizer state"; optimizer_to_files(optimizer, tmp, model)
         part = "the scheduler, scaler and random states"
         if scheduler is not None: _write_state(tmp / "scheduler.json", scheduler.state_dict())
         if scaler is not None: _write_state(tmp / "scaler.json", scaler.state_dict())
@@ -342,6 +394,71 @@ def rotate_checkpoints(output_dir: str | Path, limit: int | None, best: str | Pa
     for p in gone: shutil.rmtree(p)
     return gone
 
+# %% ../nbs/04_checkpoint.ipynb #1595ab54
+LOCK = ".nbtrain-run.lock"
+
+class OutputDirBusy(RuntimeError):
+    "Another training run, alive, writes into this `output_dir`."
+
+def _try_lock(fd: int) -> bool:
+    try:
+        if os.name == "nt":
+            import msvcrt
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError: return False
+
+def _owner(fd: int) -> dict:
+    try: return json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except (OSError, ValueError): return {}
+
+class RunLock:
+    "Held by the run that writes into `output_dir` (none: nothing to hold); the operating system releases it when the process ends."
+    def __init__(self, output_dir: str | Path | None):
+        self.path, self._fd = Path(output_dir) / LOCK if output_dir else None, None
+
+    def acquire(self) -> "RunLock":
+        "Take the lock, or raise `OutputDirBusy` naming the run that holds it."
+        if self.path is None or self._fd is not None: return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            if not _try_lock(fd):
+                owner = _owner(fd); os.close(fd)
+                raise self._busy(owner)
+            # its last owner may have deleted the file between our open and our lock: then lock the file there now
+            try: same = os.name == "nt" or os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError: same = False
+            if same: break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
+        self._fd = fd
+        return self
+
+    def _busy(self, owner: dict) -> OutputDirBusy:
+        who = ("another trainer in this process (this notebook's kernel)" if owner.get("pid") == os.getpid()
+               else f"process {owner.get('pid', '?')} on {owner.get('host', '?')}")
+        return OutputDirBusy(f"output_dir {str(self.path.parent)!r} is in use by another training run: {who}, since "
+                             f"{owner.get('started', '?')}. Two runs saving there would overwrite each other's checkpoints. "
+                             "Wait for that run to end (or stop it), or give this trainer another output_dir. (The lock "
+                             "goes with its process: a run that was killed leaves none behind.)")
+
+    def release(self):
+        "Give the lock up and remove its file."
+        if self._fd is None: return
+        try:
+            if os.name != "nt": self.path.unlink(missing_ok=True)  # while still held: an opener re-checks the file
+        finally:
+            os.close(self._fd); self._fd = None
+
+    def __enter__(self): return self.acquire()  # held already (taken before the run's preparation): kept
+    def __exit__(self, *exc): self.release()
+
 # %% ../nbs/04_checkpoint.ipynb #17e1aed2
 def resolve_checkpoint(path: str | Path) -> Path:
     "A checkpoint folder, or the latest complete one inside an output directory."
@@ -363,9 +480,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return latest
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module | None = None, trainer=None) -> torch.nn.Module:
-    "The model of a checkpoint (built from its config when `model` is None); with `trainer`, everything to continue."
+    """The model of a checkpoint (built from its config when `model` is None); with `trainer`, everything to continue.
+    A checkpoint of an adapter needs its base model: `model=base` gives back a trainable `PeftModel` of it."""
     folder = resolve_checkpoint(path)
     if trainer is not None: return trainer.load_checkpoint(folder)
+    if is_adapter_folder(folder) and not is_peft_model(model):
+        if model is None:
+            raise ValueError(f"{folder} holds a PEFT adapter, not a whole model: pass the base model it was trained on, "
+                             "load_checkpoint(path, model=AutoModelForCausalLM.from_pretrained(base_name)).")
+        return load_trainable(model, folder)
     if model is None:
         if not (folder / "config.json").is_file():
             raise ValueError(f"{folder} holds a plain PyTorch model (no config.json); build the model and pass it: "
@@ -383,16 +506,22 @@ def restore_training(folder: Path, model, optimizer=None, scheduler=None, scaler
     "Put weights, optimizer, scheduler, scaler, RNG and callback state back from `folder`; returns its `TrainerState`."
     folder = Path(folder)
     # read and check everything first: a damaged file or a model that does not fit changes nothing
-    saved = read_weights(folder)
-    problem = weights_mismatch(model, saved, folder)
-    if problem: raise CheckpointError(problem)
-    opt = optimizer_from_files(folder) if optimizer is not None and (folder / "optimizer.json").is_file() else None
-    sched = _read_state(folder / "scheduler.json") if scheduler is not None and (folder / "scheduler.json").is_file() else None
-    scal = _read_state(folder / "scaler.json") if scaler is not None and (folder / "scaler.json").is_file() else None
-    state = TrainerState.from_json_string(json.dumps(_read_json(folder / "trainer_state.json")))
-    _read_json(folder / "rng_state.json"); _load_tensors(folder / "rng_state.safetensors")
+    try:
+        saved = read_model_weights(model, folder)
+        problem = model_mismatch(model, saved, folder)
+        if problem: raise CheckpointError(problem)
+        opt = optimizer_from_files(folder) if optimizer is not None and (folder / "optimizer.json").is_file() else None
+        problem = opt is not None and optimizer_mismatch(folder, model, optimizer)
+        if problem: raise CheckpointError(problem)
+        sched = _read_state(folder / "scheduler.json") if scheduler is not None and (folder / "scheduler.json").is_file() else None
+        scal = _read_state(folder / "scaler.json") if scaler is not None and (folder / "scaler.json").is_file() else None
+        state = TrainerState.from_json_string(json.dumps(_read_json(folder / "trainer_state.json")))
+        _read_json(folder / "rng_state.json"); _load_tensors(folder / "rng_state.safetensors")
+    except DamagedCheckpointError as e:
+        e.args = (e.args[0] + _earlier_offer(folder),)
+        raise
 
-    model.load_state_dict(saved, strict=False)
+    _put_weights(model, saved)
     if opt is not None: optimizer.load_state_dict(opt)
     if sched is not None: scheduler.load_state_dict(sched)
     if scal is not None: scaler.load_state_dict(scal)
@@ -401,6 +530,14 @@ def restore_training(folder: Path, model, optimizer=None, scheduler=None, scaler
         if cb_state is not None and hasattr(cb, "load_state_dict"): cb.load_state_dict(cb_state)
     rng_from_files(folder)
     return state
+
+def _earlier_offer(folder: Path) -> str:
+    "Which complete checkpoint before `folder` to continue from instead, said as the call that does it."
+    m = _STEP.match(folder.name)
+    earlier = [c for c in list_checkpoints(folder.parent) if m and int(_STEP.match(c.name).group(1)) < int(m.group(1))]
+    if not earlier: return " There is no earlier complete checkpoint beside it."
+    return (f" The checkpoint before it is complete: train(resume_from_checkpoint={str(earlier[-1])!r}) continues from there "
+            f"(or move {folder.name} away, and resume_from_checkpoint=True picks {earlier[-1].name}).")
 
 def read_loop_state(folder: str | Path) -> dict:
     "The `loop_state` a checkpoint was saved with (`{}` when none)."

@@ -5,6 +5,7 @@
 # %% ../nbs/05_dashboard.ipynb #49ee5afb
 from __future__ import annotations
 
+import base64
 import contextvars
 import dataclasses
 import html
@@ -14,13 +15,15 @@ import math
 import sys
 import threading
 import time
+import uuid
 
 from .events import TrainerCallback
 
 # %% auto #0
-__all__ = ['format_duration', 'format_value', 'ConsoleProgress', 'metric_names', 'points', 'plot_history', 'display_mode',
-           'bar_html', 'table_rows', 'table_html', 'nice_ticks', 'svg_panel', 'history_svg', 'total_epochs', 'Progress',
-           'NotebookDashboard', 'close_tree', 'relay_to', 'RelayProgress', 'default_progress']
+__all__ = ['format_duration', 'format_value', 'ConsoleProgress', 'metric_names', 'points', 'plot_history', 'figure_png',
+           'display_mode', 'bar_html', 'table_rows', 'table_html', 'nice_ticks', 'svg_panel', 'history_svg',
+           'total_epochs', 'format_count', 'param_counts', 'Progress', 'train_call', 'NotebookDashboard', 'close_tree',
+           'relay_to', 'RelayProgress', 'default_progress']
 
 # %% ../nbs/05_dashboard.ipynb #d8db558f
 def format_duration(seconds: float) -> str:
@@ -116,7 +119,7 @@ def _loss_series(log_history: list[dict]) -> list[tuple]:
     evals = [(k.replace("_", " "), points(log_history, k)) for k in _eval_keys(log_history, losses=True)]
     return [("train loss", points(log_history, "loss"))] + evals
 
-def plot_history(log_history: list[dict], figsize_per_panel=(4.0, 3.0)):
+def plot_history(log_history: list[dict], figsize_per_panel=(4.0, 3.0), fontsize: float = 10):
     "A matplotlib `Figure` of train/eval loss and each eval metric against the step."
     from matplotlib.figure import Figure
 
@@ -127,20 +130,53 @@ def plot_history(log_history: list[dict], figsize_per_panel=(4.0, 3.0)):
 
     metrics = metric_names(log_history)
     n = 1 + len(metrics)
-    fig = HistoryFigure(figsize=(figsize_per_panel[0] * n, figsize_per_panel[1]))
-    # fixed margins: constrained layout would double the drawing time, which the live dashboard pays on every redraw
-    fig.subplots_adjust(left=0.09 / n, right=1 - 0.02 / n, bottom=0.16, top=0.9, wspace=0.3)
-    axes = fig.subplots(1, n, squeeze=False)[0]
+    (w, h), em = figsize_per_panel, fontsize / 72  # inches
+    fig = HistoryFigure(figsize=(w * n, h))
+    # fixed margins, in inches of text: constrained layout would double the drawing time; the right margin holds half
+    # of the last x tick's label ("3000"), which centres on the frame's edge
+    fig.subplots_adjust(left=4.2 * em / (w * n), right=1 - 1.6 * em / (w * n), bottom=2.9 * em / h, top=1 - 1.9 * em / h,
+                        wspace=5.2 * em / w)
+    axes = fig.subplots(1, n, squeeze=False, sharex=True)[0]  # every panel on the same steps
     ax = axes[0]
     series = [(label, pts) for label, pts in _loss_series(log_history) if pts]
-    for label, pts in series: ax.plot(*zip(*pts), "-" if label == "train loss" else "o-", label=label)
-    ax.set_xlabel("step"); ax.set_title("loss")
-    if series: ax.legend()
+    for label, pts in series:  # one point (the first log) gets a marker, or it would not show
+        ax.plot(*zip(*pts), "-" if label == "train loss" and len(pts) > 1 else "o-", label=label, markersize=4)
+    if series: ax.legend(fontsize=fontsize * 0.8)  # matplotlib's "best" place: where it hides the fewest points
     for ax, name in zip(axes[1:], metrics):
         pts = points(log_history, name)
-        if pts: ax.plot(*zip(*pts), "o-", color="C2")
-        ax.set_xlabel("step"); ax.set_title(name.removeprefix("eval_"))
+        if pts: ax.plot(*zip(*pts), "o-", color="C2", markersize=4)
+    for ax, name in zip(axes, ["eval_loss"] + metrics):
+        ax.set_title(name.removeprefix("eval_"), fontsize=fontsize)
+        ax.set_xlabel("step", fontsize=fontsize * 0.9, labelpad=1)
+        ax.tick_params(labelsize=fontsize * 0.8); ax.locator_params(axis="y", nbins=5)
+        ax.locator_params(axis="x", integer=True)  # steps
     return fig
+
+_palette = None
+
+def _figure_palette():
+    "Black and matplotlib's ten colours, each blended with white in 8 steps: every line, marker and antialiased edge of the figure."
+    global _palette
+    if _palette is None:
+        from matplotlib.colors import to_rgb
+        from PIL import Image
+        base = [(0.0, 0.0, 0.0)] + [to_rgb(f"C{i}") for i in range(10)]
+        cols = list(dict.fromkeys(tuple(round(255 - (255 - 255 * c) * k / 7) for c in rgb) for rgb in base for k in range(8)))
+        _palette = Image.new("P", (1, 1))
+        _palette.putpalette([v for c in cols for v in c] + [255] * 3 * (256 - len(cols)))
+    return _palette
+
+def figure_png(log_history: list[dict]) -> bytes | None:
+    "The figure as a small PNG (600x200 px for two panels, as the live one; a fixed palette), or None before the first log."
+    if not any(pts for _, pts in _loss_series(log_history)): return None
+    from PIL import Image  # matplotlib's own dependency
+    buf = io.BytesIO()
+    plot_history(log_history, figsize_per_panel=(3.0, 2.0), fontsize=8).savefig(buf, format="png", dpi=100)
+    # a fixed palette of the figure's own colours: a quarter of the bytes of the full-colour PNG, and no colour lost
+    # (an adaptive palette drops the colour of a line that is one marker, the first evaluation's)
+    out = io.BytesIO()
+    Image.open(buf).convert("RGB").quantize(palette=_figure_palette(), dither=Image.Dither.NONE).save(out, format="png", optimize=True)
+    return out.getvalue()
 
 # %% ../nbs/05_dashboard.ipynb #c817d8d1
 def display_mode() -> str:
@@ -172,22 +208,32 @@ def table_rows(log_history: list[dict]) -> list[dict]:
     return rows
 
 def _columns(rows: list[dict]) -> list[str]:
+    "Step, epoch, train loss, the eval losses, then the metrics: the same order whatever order the rows' keys came in."
     cols = []
     for r in rows: cols += [k for k in r if k not in cols]
-    return cols
+    rank = lambda k: (0, ("step", "epoch", "train_loss").index(k)) if k in ("step", "epoch", "train_loss") else (1 + (not k.endswith("_loss")), 0)
+    return sorted(cols, key=rank)  # sorted is stable: within a group, the order of first appearance
+
+# Every size is inline (a sanitiser keeps style attributes, not style elements), the line height on the table, which its
+# cells inherit: the live table (inside a widget, whose text has the widgets' 28 px line height) and the snapshot's
+# (inside JupyterLab's rendered HTML, which centres tables and pads cells) then have the same 18 px rows in the same
+# place, so the snapshot replaces the live dashboard without a jump. Per cell, only what must be: a table of many
+# evaluations has many cells.
+_CELL = "padding:2px 10px;text-align:right"
 
 def _cells(values, tag="td") -> str:
-    return "".join(f'<{tag} style="padding:2px 10px;text-align:right">{html.escape(format_value(v) if v is not None else "")}</{tag}>'
-                   for v in values)
+    return "".join(f'<{tag} style="{_CELL}">{html.escape(format_value(v) if v is not None else "")}</{tag}>' for v in values)
 
 def table_html(rows: list[dict], last: int | None = None) -> str:
     "The metrics table as an HTML table; with `last`, only its last rows and a line saying how many are hidden."
     if not rows: return ""
     cols, shown = _columns(rows), rows[-last:] if last else rows
     body = "".join(f"<tr>{_cells([r.get(c) for c in cols])}</tr>" for r in shown)
-    more = (f'<div style="font-family:monospace;font-size:11px;color:#666">{len(rows) - len(shown)} earlier rows '
-            "in the final snapshot</div>") if len(shown) < len(rows) else ""
-    return more + f'<table style="font-family:monospace;font-size:12px"><tr>{_cells(cols, "th")}</tr>{body}</table>'
+    hidden = len(rows) - len(shown)
+    more = (f'<div style="font-family:monospace;font-size:11px;line-height:14px;color:#666">{hidden} earlier '
+            f'row{"s" if hidden > 1 else ""} in the final snapshot</div>') if hidden else ""
+    return more + (f'<table style="font-family:monospace;font-size:12px;line-height:14px;margin:0;border-collapse:collapse">'
+                   f'<tr>{_cells(cols, "th")}</tr>{body}</table>')
 
 def nice_ticks(lo: float, hi: float, n: int = 4) -> list[float]:
     "About `n` round tick values covering [lo, hi]."
@@ -206,12 +252,26 @@ def _thin(points: list, most: int = 300) -> list:
     for x, y in points: bins[min(most - 1, int((x - lo) / (hi - lo) * most))] = (x, y)
     return [bins[b] for b in sorted(bins)]
 
+def _legend(labels: list[str], x: float, right: float) -> list[list[tuple]]:
+    "Rows of (label, x) for the legend entries, laid out from `x` to `right` in the panel's header (9 px text, ~5.2 px a letter)."
+    rows, cur = [[]], x
+    for label in labels:
+        w = 16 + 5.2 * len(label) + 8
+        if rows[-1] and cur + w > right: rows.append([]); cur = x
+        rows[-1].append((label, cur)); cur += w
+    return rows
+
 def svg_panel(series: list[tuple], title: str, x0: float = 0, width: int = 300, height: int = 200, most: int = 300,
               xrange: tuple | None = None) -> str:
     "One chart as SVG elements: `series` is [(label, color, [(x, y), ...], markers), ...]; `xrange` shared by panels."
     pts = [p for _, _, ps, _ in series for p in ps]
     if not pts: return ""
-    left, right, top, bottom = 46, 8, 18, 26
+    # The legend (when there are several lines) goes in the header beside the title, never over the lines; the right
+    # margin holds half of the last x tick's label, which centres on the frame's edge.
+    left, right, bottom = 46, 14, 26
+    legend = _legend([label for label, *_ in series], x0 + left + 6.5 * len(title) + 14, x0 + width - right) if len(series) > 1 else [[]]
+    at = {label: (lx, 12 + 11 * r) for r, row in enumerate(legend) for label, lx in row}
+    top = 18 + 11 * (len(legend) - 1)
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
     xlo, xhi = xrange or (min(xs), max(xs))
     if xhi <= xlo: xlo, xhi = xlo - 1, xlo + 1
@@ -220,7 +280,7 @@ def svg_panel(series: list[tuple], title: str, x0: float = 0, width: int = 300, 
     ylo, yhi = ylo - pad, yhi + pad
     X = lambda x: x0 + left + (x - xlo) / (xhi - xlo) * (width - left - right)
     Y = lambda y: top + (yhi - y) / (yhi - ylo) * (height - top - bottom)
-    out = [f'<text x="{x0 + width / 2:.0f}" y="12" text-anchor="middle" font-size="11">{html.escape(title)}</text>',
+    out = [f'<text x="{x0 + left}" y="12" font-size="11">{html.escape(title)}</text>',
            f'<rect x="{x0 + left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" fill="none" stroke="#999"/>']
     for t in nice_ticks(ylo, yhi):
         out.append(f'<text x="{x0 + left - 4}" y="{Y(t) + 3:.1f}" text-anchor="end" font-size="9">{format_value(float(t))}</text>'
@@ -228,12 +288,16 @@ def svg_panel(series: list[tuple], title: str, x0: float = 0, width: int = 300, 
     for t in nice_ticks(xlo, xhi):
         out.append(f'<text x="{X(t):.1f}" y="{height - 12}" text-anchor="middle" font-size="9">{t:g}</text>')
     out.append(f'<text x="{x0 + width - right}" y="{height - 2}" text-anchor="end" font-size="9">step</text>')
-    for i, (label, color, ps, markers) in enumerate(series):
+    for label, color, ps, markers in series:
         ps = _thin(ps, most)
         path = " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in ps)
         out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="1.5"/>')
-        if markers and len(ps) <= 60: out += [f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="2.5" fill="{color}"/>' for x, y in ps]
-        out.append(f'<text x="{x0 + width - right - 4}" y="{top + 12 + 11 * i}" text-anchor="end" font-size="9" fill="{color}">{html.escape(label)}</text>')
+        if (markers and len(ps) <= 60) or len(ps) == 1:  # a line of one point (the first log) shows as its marker
+            out += [f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="2.5" fill="{color}"/>' for x, y in ps]
+        if label in at:
+            lx, ly = at[label]
+            out.append(f'<text x="{lx + 16:.1f}" y="{ly}" font-size="9" fill="{color}">{html.escape(label)}</text>'
+                       f'<line x1="{lx:.1f}" x2="{lx + 12:.1f}" y1="{ly - 3}" y2="{ly - 3}" stroke="{color}" stroke-width="2"/>')
     return "".join(out)
 
 def history_svg(log_history: list[dict], width: int = 300, height: int = 200, most: int = 300) -> str | None:
@@ -258,59 +322,117 @@ def total_epochs(state) -> float:
     "Epochs the run will cover: fractional when `max_steps` ends it mid-epoch."
     return state.max_steps / state.steps_per_epoch if state.steps_per_epoch else state.num_train_epochs
 
+def format_count(n: float) -> str:
+    "Parameter and token counts at a glance: `1.23M`, `4.5k`, `812`."
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size: return f"{n / size:.3g}{unit}"
+    return f"{n:.0f}"
+
+def param_counts(model) -> tuple[int, int] | None:
+    "`(trainable, all)` parameters of a torch module (a tied weight counted once); None without one."
+    if model is None or not hasattr(model, "parameters"): return None
+    trainable = total = 0
+    for p in model.parameters():
+        total += p.numel(); trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+_READOUTS = ("tokens_per_second", "num_tokens", "peak_memory_mb")  # log keys the status line shows when a run logs them
+
 class Progress:
     "Counters and timings of a run, as the dashboard shows them."
-    def __init__(self, state):
+    def __init__(self, state, params: tuple[int, int] | None = None):
         self.start, self.start_step = time.perf_counter(), state.global_step
         self.status, self.eval_done, self.eval_total = "training", 0, 0
         self.loss = self.lr = None
+        self.ended = None  # when the run ended: the clock stops there and nothing is "left"
+        self.params, self.readout = params, {}
+
+    def log(self, logs: dict):
+        "Keep what the status line shows from a log row: loss, learning rate, parameter counts, tokens and memory."
+        if "loss" in logs: self.loss = logs["loss"]
+        if "learning_rate" in logs: self.lr = logs["learning_rate"]
+        if "trainable_params" in logs and "total_params" in logs: self.params = (logs["trainable_params"], logs["total_params"])
+        self.readout.update({k: logs[k] for k in _READOUTS if isinstance(logs.get(k), (int, float))})
 
     def note(self, state) -> str:
-        "`12/400 · 0:03 elapsed · 0:45 left · 8.1 it/s · loss 0.52 · lr 4.1e-05`"
-        elapsed = time.perf_counter() - self.start
+        "`12/400 · 0:03 elapsed · 0:45 left · 8.1 it/s · loss 0.52 · lr 4.1e-05 · 3.2k tok/s · 41k tokens · peak 812 MB`"
+        elapsed = (self.ended or time.perf_counter()) - self.start
         done = state.global_step - self.start_step
         rate = done / elapsed if elapsed > 0 and done else float("nan")
         eta = (state.max_steps - state.global_step) / rate if rate > 0 else float("nan")
         parts = [f"{state.global_step}/{state.max_steps}", f"{format_duration(elapsed)} elapsed"]
-        if state.global_step < state.max_steps: parts.append(f"{format_duration(eta)} left")
+        if self.ended is None and state.global_step < state.max_steps: parts.append(f"{format_duration(eta)} left")
         if math.isfinite(rate): parts.append(f"{rate:.1f} it/s")
         if self.loss is not None: parts.append(f"loss {format_value(self.loss)}")
         if self.lr is not None: parts.append(f"lr {format_value(self.lr)}")
+        r = self.readout
+        if "tokens_per_second" in r: parts.append(f"{format_count(r['tokens_per_second'])} tok/s")
+        if "num_tokens" in r: parts.append(f"{format_count(r['num_tokens'])} tokens")
+        if "peak_memory_mb" in r: parts.append(f"peak {r['peak_memory_mb']:.0f} MB")
         return " · ".join(parts)
 
-    def html(self, state, log_history: list[dict]) -> str:
-        "The whole dashboard, bars and table, as static HTML."
+    def headline(self) -> str:
+        "The status and the parameters: `training · 1.18M of 125M parameters trainable (0.944%)`."
+        if not self.params or not self.params[1]: return self.status
+        t, n = self.params
+        params = f"{format_count(n)} parameters, all trainable" if t == n else \
+                 f"{format_count(t)} of {format_count(n)} parameters trainable ({100 * t / n:.3g}%)"
+        return f"{self.status} · {params}"
+
+    def text(self, state) -> str:
+        "The dashboard as one line of text."
+        return f"{self.headline()}: step {self.note(state)}"
+
+    def html(self, state, log_history: list[dict], last: int | None = None) -> str:
+        "The whole dashboard, bars and table (its `last` rows), as static HTML."
         epochs = total_epochs(state)
         epoch_note = f"{state.epoch:.2f}/{epochs:.4g}"
-        head = f'<div style="font-family:monospace;font-size:12px;font-weight:bold">{html.escape(self.status)}</div>'
+        head = (f'<div style="font-family:monospace;font-size:12px;line-height:16px;font-weight:bold">'
+                f'{html.escape(self.headline())}</div>')
         return (head + bar_html("epoch", state.epoch, epochs, epoch_note)
-                + bar_html("step", state.global_step, state.max_steps, self.note(state)) + table_html(table_rows(log_history)))
+                + bar_html("step", state.global_step, state.max_steps, self.note(state)) + table_html(table_rows(log_history), last))
+
+def train_call(trainer) -> str:
+    "How to continue: `name.train()` when exactly one name in the notebook holds `trainer`, else `train() on this trainer`."
+    names = []
+    if trainer is not None and "IPython" in sys.modules:
+        from IPython import get_ipython
+        ip = get_ipython()
+        if ip is not None: names = [k for k, v in list(ip.user_ns.items()) if v is trainer and not k.startswith("_")]
+    return f"{names[0]}.train()" if len(names) == 1 else "train() on this trainer"
 
 # %% ../nbs/05_dashboard.ipynb #93456bec
 class NotebookDashboard(TrainerCallback):
     "The live dashboard: ipywidgets in a kernel (`mode='widgets'`) or HTML display updates (`mode='html'`)."
     def __init__(self, mode: str | None = None, interval: float = 0.25, plot_every: float = 1.0, table_rows: int = 8,
-                 live_points: int = 50):
+                 live_points: int = 50, save_every: float = 30.0):
         self.mode, self.interval, self.plot_every, self.live_rows = mode or display_mode(), interval, plot_every, table_rows
-        self.live_points = live_points
-        self.live, self.ticker = False, None
+        self.live_points, self.save_every = live_points, save_every
+        self.live, self.ticker, self.lock = False, None, threading.Lock()
+        self.shown = []  # [(display_id, bundle)] as last displayed: what `show()` displays again
+        self.run_control = None  # a background run's RunControl: the buttons ask it
 
     # ---- building -----------------------------------------------------------------------------
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, run_control=None, **kwargs):
         if not state.is_world_process_zero: return
-        from IPython.display import display
-        self.progress, self.live, self.dirty = Progress(state), True, False
+        self.run_control, self.can_save = run_control, bool(getattr(args, "output_dir", None))  # a background run's requests: its buttons
+        self.progress, self.live, self.dirty = Progress(state, param_counts(model)), True, False
         self.last_update = self.last_plot = self.eval_update = 0.0
         self.eval_start, self.eval_loader = None, None
+        # one key per run: the display ids of its outputs, and the class of the saved view that the live widgets hide
+        key = uuid.uuid4().hex[:12]
+        self.saved_class = f"nbtrain-saved-{key}"
         if state.global_step: self.progress.status = f"training, continuing from step {state.global_step}"
         if self.mode == "widgets":
             self.box = self._widgets(state)
-            self.handle = display(self.box, display_id=True)
+            self.shown = [(f"nbtrain-{key}", self._widget_bundle()), (f"nbtrain-{key}-saved", self._saved_bundle(state))]
         else:
-            self.handle = display(self._html_bundle(state), raw=True, display_id=True)
+            self.shown = [(f"nbtrain-{key}", self._html_bundle(state))]
+        self._display()
+        self.last_save, self.evaluated = time.perf_counter(), False
         # The bars move on a clock, not on steps: a thread wakes every `interval` seconds and draws, so a training
         # step pays nothing for the display. It runs in the cell's context, so its messages belong to the cell.
-        self.lock, self.stop = threading.Lock(), threading.Event()
+        self.stop = threading.Event()
         self.ticker = threading.Thread(target=contextvars.copy_context().run, args=(self._tick, state),
                                        name="nbtrain-dashboard", daemon=True)
         self.ticker.start()
@@ -327,9 +449,32 @@ class NotebookDashboard(TrainerCallback):
         html_layout, html_style = W.Layout(), HTMLStyle()
         self.w_note = W.HTML(self._note(state), layout=html_layout, style=html_style)
         self.w_eval = None  # made on the first evaluation that lasts longer than an update interval
-        # the table's last rows and the figure: both change on log and eval events only
-        self.w_results = W.HTML(layout=html_layout, style=html_style)
-        return W.VBox([self.w_epoch, self.w_step, self.w_note, self.w_results])
+        # the table's last rows and the figure: both change on log and eval events only. Its style element hides the
+        # saved view below the widgets, wherever they show (and only there: it goes with them)
+        self.hide = f"<style>.{self.saved_class}{{display:none}}</style>"
+        self.w_results = W.HTML(self._results(state), layout=html_layout, style=html_style)
+        rows = [self.w_epoch, self.w_step, self.w_note] + ([self._controls()] if self.run_control is not None else [])
+        return W.VBox(rows + [self.w_results])
+
+    def _controls(self):
+        """Pause / Resume, Save now and Stop for a background run. A click only leaves a request in `run_control` (a
+        callback may run on any thread); the run serves it at its next step boundary, and the clock shows the result."""
+        import ipywidgets as W
+        c, layout = self.run_control, W.Layout(width="auto")
+        self.w_pause = W.Button(description="Pause", icon="pause", tooltip="hold at the next step boundary", layout=layout)
+        save = W.Button(description="Save now", icon="save", tooltip="a checkpoint at the next step boundary", layout=layout,
+                        disabled=not self.can_save)
+        stop = W.Button(description="Stop", icon="stop", tooltip="save, then end at the next step boundary", layout=layout)
+        self.w_pause.on_click(lambda _: c.resume() if c.paused else c.pause())
+        save.on_click(lambda _: c.ask("save"))
+        stop.on_click(lambda _: c.stop(save=self.can_save))
+        return W.HBox([self.w_pause, save, stop], layout=W.Layout(margin="2px 0 2px 4.2em"))
+
+    def _sync_controls(self):
+        "The run's status in the status line, and Pause or Resume on its button (an evaluation's bar keeps its own status)."
+        c, p = self.run_control, self.progress
+        if c.status != "evaluating" and p.status != "evaluating": p.status = c.status
+        if self.mode == "widgets": self.w_pause.description, self.w_pause.icon = ("Resume", "play") if c.paused else ("Pause", "pause")
 
     def _eval_bar(self):
         import ipywidgets as W
@@ -339,43 +484,96 @@ class NotebookDashboard(TrainerCallback):
         self.box.children = self.box.children[:2] + (self.w_eval_row,) + self.box.children[2:]
 
     def _note(self, state) -> str:
-        return (f"<code><b>{self.progress.status}</b> · epoch {state.epoch:.2f}/{total_epochs(state):.4g} · "
+        # the status only: the note goes out four times a second, the parameter counts with the table (`_results`)
+        return (f"<code><b>{html.escape(self.progress.status)}</b> · epoch {state.epoch:.2f}/{total_epochs(state):.4g} · "
                 f"step {html.escape(self.progress.note(state))}</code>")
 
+    def _results(self, state) -> str:
+        "The live table's last rows and the figure, under the parameter counts, with the style that hides the saved view."
+        head = self.progress.headline()[len(self.progress.status) + 3:]
+        head = f'<div style="font-family:monospace;font-size:11px;line-height:14px;color:#666">{html.escape(head)}</div>' if head else ""
+        table = table_html(table_rows(state.log_history), last=self.live_rows)
+        return self.hide + head + table + (history_svg(state.log_history, most=self.live_points) or "")
+
+    def _widget_bundle(self) -> dict:
+        "The widgets' view, with a line of text in place of their repr for a front end without widgets."
+        bundle = self.box._repr_mimebundle_()
+        bundle["text/plain"] = "nbtrain dashboard: live widgets (the saved view below shows the run without its kernel)"
+        return bundle
+
+    def _saved_bundle(self, state, figure: bool = False) -> dict:
+        "The saved view: the dashboard as HTML (bars, the live table's rows, the figure as a PNG `<img>`), hidden by the live widgets."
+        history = list(state.log_history)  # the run goes on while this draws: the table and the figure of the same logs
+        png = figure_png(history) if figure else None
+        img = f'<img src="data:image/png;base64,{base64.b64encode(png).decode()}" alt="loss and metrics">' if png else ""
+        why = (f'<div style="font-family:monospace;font-size:11px;line-height:14px;color:#666">the dashboard as it was at '
+               f'step {state.global_step}, saved while the run went on (its live widgets need the kernel that ran it)</div>')
+        # the live table's last rows, not all: the bytes of a redraw stay bounded as the run grows
+        page = self.progress.html(state, history, last=self.live_rows)
+        return {"text/html": f'<div class="{self.saved_class}">{why}{page}{img}</div>',
+                "text/plain": f"{self.progress.text(state)} (saved at step {state.global_step})"}
+
     def _html_bundle(self, state) -> dict:
-        text = f"{self.progress.status}: step {self.progress.note(state)}"
-        return {"text/html": self.progress.html(state, state.log_history), "text/plain": text}
+        return {"text/html": self.progress.html(state, state.log_history), "text/plain": self.progress.text(state)}
+
+    # ---- showing ------------------------------------------------------------------------------
+    def _display(self):
+        from IPython.display import display
+        for display_id, bundle in self.shown: display(bundle, raw=True, display_id=display_id)
+
+    def _update(self, i: int, bundle: dict):
+        from IPython.display import update_display
+        self.shown[i] = (self.shown[i][0], bundle)
+        update_display(bundle, raw=True, display_id=self.shown[i][0])
+
+    def show(self):
+        "Display the dashboard again in the current cell: the live widgets (the same models, so the same updates) and the saved view, or the snapshot once the run has ended."
+        if not self.shown: raise RuntimeError("nothing to show yet: the dashboard shows a run once train() has begun")
+        with self.lock: self._display()
 
     # ---- updating -----------------------------------------------------------------------------
     def _tick(self, state):
         while not self.stop.wait(self.interval):
             with self.lock:
-                if self.live and self.progress.status != "evaluating": self._refresh(state)
+                if not self.live or self.progress.status == "evaluating": continue
+                self._refresh(state)
+                save = self._save_due()
+            if save:  # drawn outside the lock: the training thread's events never wait for matplotlib
+                bundle = self._saved_bundle(state, figure=True)
+                with self.lock:
+                    if self.live: self._update(1, bundle)
+
+    def _save_due(self) -> bool:
+        "The saved view is redrawn after an evaluation (at most every `save_every / 3` s) and every `save_every` s."
+        since = time.perf_counter() - self.last_save
+        if self.mode != "widgets" or not (since >= self.save_every or (self.evaluated and since >= self.save_every / 3)):
+            return False
+        self.last_save, self.evaluated = time.perf_counter(), False
+        return True
 
     def _refresh(self, state):
         now = time.perf_counter()
         self.last_update = now
+        if self.run_control is not None: self._sync_controls()
         if self.mode == "widgets":
             self.w_step.value, self.w_epoch.value, self.w_note.value = state.global_step, state.epoch, self._note(state)
             if self.dirty and now - self.last_plot > self.plot_every:
                 # the table's last rows only, the figure with a bounded number of points: the size of an update
                 # stays the same as the run grows
-                table = table_html(table_rows(state.log_history), last=self.live_rows)
-                self.w_results.value = table + (history_svg(state.log_history, most=self.live_points) or "")
+                self.w_results.value = self._results(state)
                 self.last_plot, self.dirty = now, False
         else:
-            self.handle.update(self._html_bundle(state), raw=True)
+            self._update(0, self._html_bundle(state))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self.live or not logs: return
-        if "loss" in logs: self.progress.loss = logs["loss"]
-        if "learning_rate" in logs: self.progress.lr = logs["learning_rate"]
+        self.progress.log(logs)
         self.dirty = True
 
     def on_evaluate(self, args, state, control, **kwargs):
         if not self.live: return
         with self.lock:
-            self.dirty, self.eval_start = True, None
+            self.dirty, self.evaluated, self.eval_start = True, True, None
             if self.progress.status == "evaluating":
                 self.progress.status = "training"
                 self.w_eval_row.layout.display = "none"
@@ -405,20 +603,34 @@ class NotebookDashboard(TrainerCallback):
             self.w_eval_note.value = f"<code>{p.eval_done}/{p.eval_total}</code>"
 
     # ---- the snapshot -------------------------------------------------------------------------
-    def on_train_end(self, args, state, control, outcome: str = "finished", error=None, **kwargs):
+    def on_train_end(self, args, state, control, outcome: str = "finished", error=None, trainer=None, **kwargs):
         if not self.live: return
         self.stop.set(); self.ticker.join()
         self.live = False
         p = self.progress
-        p.status = {"finished": f"finished: {state.global_step} steps in {format_duration(time.perf_counter() - p.start)}",
+        p.ended = time.perf_counter()
+        ran, took = state.global_step - p.start_step, format_duration(p.ended - p.start)
+        continued = f" (continued from step {p.start_step})" if p.start_step else ""
+        p.status = {"finished": f"finished: {ran} steps in {took}{continued}",
                     "interrupted": f"interrupted at step {state.global_step} of {state.max_steps}: "
-                                   "trainer.train() continues from there",
+                                   f"{train_call(trainer)} continues from there",
+                    # a background run's Stop: saved when it had an output_dir
+                    "stopped": f"stopped at step {state.global_step} of {state.max_steps}" + (
+                        f": {train_call(trainer)} continues from there" if self.can_save and self.run_control is not None and self.run_control.save_on_stop else ""),
                     }.get(outcome, f"{outcome} at step {state.global_step} of {state.max_steps}{_failure(error)}")
-        if self.mode == "widgets": close_tree(self.box)  # no comm left open in the kernel or the saved notebook
-        bundle = self._html_bundle(state)
-        svg = history_svg(state.log_history)
-        if svg is not None: bundle["text/html"] += svg; bundle["image/svg+xml"] = svg
-        self.handle.update(bundle, raw=True)
+        png = figure_png(state.log_history)
+        figure = ({"image/png": base64.b64encode(png).decode(), "text/plain": "<the loss and metric figure>"} if png
+                  else {"text/plain": ""})
+        # the dashboard's output becomes the snapshot's HTML, and the saved view's the figure, as a PNG of its own
+        # (an SVG inside HTML is dropped by front ends that sanitise an untrusted notebook's HTML; a PNG is kept)
+        self._update(0, self._html_bundle(state))
+        if self.mode == "widgets":
+            self._update(1, figure)
+            close_tree(self.box)  # no comm left open in the kernel or the saved notebook
+        elif png:
+            from IPython.display import display
+            self.shown.append((self.shown[0][0] + "-figure", figure))
+            display(figure, raw=True, display_id=self.shown[-1][0])
 
 # %% ../nbs/05_dashboard.ipynb #61331dac
 def close_tree(widget):

@@ -9,17 +9,19 @@ import contextlib
 import inspect
 import math
 import random
-from typing import Any, Callable, Iterable
+import sys
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
 # %% auto #0
-__all__ = ['LABEL_ALIASES', 'PER_TOKEN', 'DataError', 'forward_arguments', 'default_label_names', 'column_names', 'ColumnPlan',
-           'collate_tensors', 'seeded_random', 'Collator', 'PaddingCollator', 'default_collator', 'trim_padding',
-           'is_dataset_dict', 'require_examples', 'check_examples', 'preflight_batch', 'EpochSampler',
-           'example_lengths', 'make_dataloader']
+__all__ = ['LABEL_ALIASES', 'PER_TOKEN', 'FAST_PATH_MAX_BYTES', 'FAST_PATH_COMPACT_BYTES', 'DataError', 'forward_arguments',
+           'default_label_names', 'column_names', 'ColumnPlan', 'collate_tensors', 'seeded_random', 'Collator',
+           'PaddingCollator', 'default_collator', 'trim_padding', 'is_dataset_dict', 'require_examples',
+           'check_examples', 'preflight_batch', 'NotFast', 'TensorBatches', 'tensor_batches', 'gather_batches',
+           'one_ahead', 'to_device_ahead', 'EpochSampler', 'example_lengths', 'make_dataloader']
 
 # %% ../nbs/01_data.ipynb #53c8b21f
 class DataError(ValueError):
@@ -244,6 +246,214 @@ def preflight_batch(dataset, collator: Collator, batch_size: int, name: str = "t
     check_examples(examples, name, pads=has_tokenizer or collator.pads)
     return collator.collate(examples, "the first batch")
 
+# %% ../nbs/01_data.ipynb #e8393e69
+FAST_PATH_MAX_BYTES = 2 * 2**30  # columns that would take more as tensors stay in Arrow, on the general path
+FAST_PATH_COMPACT_BYTES = 2**28  # columns that would take more as int64 keep their integers in the smallest type
+_PADS = {"attention_mask": 0, "special_tokens_mask": 1}  # what tokenizer.pad pads these with; input_ids and token types: the tokenizer's
+
+class NotFast(Exception):
+    "Why a dataset stays on the general path (the message says it)."
+
+def _arrow_dataset(dataset) -> bool:
+    "A `datasets.Dataset` in its plain format (datasets is not imported for this: whoever has one has imported it)."
+    mod = sys.modules.get("datasets")
+    return mod is not None and isinstance(dataset, mod.Dataset)
+
+def _padding(collator: Collator):
+    "How the collator path makes a batch: (tokenizer or None, pad_to_multiple_of, per-token labels padded with -100)."
+    inner = collator.collate_fn
+    if inner is collate_tensors: return None, None, False
+    if type(inner) is PaddingCollator: return inner.tokenizer, None, True
+    if type(inner).__name__ == "DataCollatorWithPadding" and type(inner).__module__.startswith("transformers."):
+        if inner.padding is True or inner.padding == "longest":
+            if inner.max_length is None and inner.return_tensors == "pt": return inner.tokenizer, inner.pad_to_multiple_of, False
+        raise NotFast("DataCollatorWithPadding with other than padding=True, no max_length, return_tensors='pt'")
+    raise NotFast(f"a collator of its own ({getattr(inner, '__name__', type(inner).__name__)})")
+
+def _check_tokenizer(tok):
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase as Base
+    if not (type(tok).pad is Base.pad and type(tok)._pad is Base._pad):
+        raise NotFast(f"{type(tok).__name__} pads in a way of its own")
+    if tok.pad_token_id is None: raise NotFast("the tokenizer has no pad token")
+    if tok.model_input_names[0] != "input_ids" or "attention_mask" not in tok.model_input_names:
+        raise NotFast(f"the tokenizer's inputs are {tok.model_input_names}")
+    if tok.padding_side not in ("right", "left"): raise NotFast(f"padding_side={tok.padding_side!r}")
+
+def _read_column(arr, name: str) -> tuple[np.ndarray, np.ndarray | None, torch.dtype]:
+    "An Arrow column as (values, lengths or None for one number per example, the dtype `torch.tensor` gives its values)."
+    import pyarrow.types as pt
+    if arr.null_count: raise NotFast(f"column {name!r} has missing values")
+    lengths, t = None, arr.type
+    if pt.is_list(t) or pt.is_large_list(t) or pt.is_fixed_size_list(t):
+        lengths = np.diff(np.asarray(arr.offsets)) if not pt.is_fixed_size_list(t) else np.full(len(arr), t.list_size)
+        arr, t = arr.flatten(), t.value_type
+        if arr.null_count: raise NotFast(f"column {name!r} has missing values")
+    if pt.is_boolean(t): dtype = torch.bool
+    elif pt.is_integer(t): dtype = torch.int64
+    elif pt.is_floating(t): dtype = torch.get_default_dtype()
+    else: raise NotFast(f"column {name!r} holds {t}, not numbers or lists of numbers")
+    values = arr.to_numpy(zero_copy_only=False)
+    if dtype is torch.int64 and values.dtype == np.uint64 and values.size and values.max() > np.iinfo(np.int64).max:
+        raise NotFast(f"column {name!r} holds integers beyond int64")
+    return values, lengths, dtype
+
+def _store(values: np.ndarray, lengths: np.ndarray | None, dtype: torch.dtype, pad=None, width: int = 0,
+           left: bool = False, compact: bool = False) -> torch.Tensor:
+    """One column as a tensor: `[n]`, `[n, length]`, or with `pad`, `[n, width]` with each example's values at the start
+    (at the end with `left`) and `pad` after (before) them. `compact`: integers in the smallest type that holds them."""
+    if compact and dtype is torch.int64 and values.size:
+        lo, hi = int(values.min()), int(values.max())
+        if pad is not None: lo, hi = min(lo, pad), max(hi, pad)
+        dtype = next(d for d in (torch.int8, torch.int16, torch.int32, torch.int64) if torch.iinfo(d).min <= lo and hi <= torch.iinfo(d).max)
+    flat = torch.tensor(values).to(dtype)  # a copy: Arrow's buffers are read-only
+    if lengths is None: return flat
+    n = len(lengths)
+    if pad is None: return flat.view(n, -1)  # equal lengths
+    out = torch.full((n, width), pad, dtype=dtype)
+    rows = torch.from_numpy(np.repeat(np.arange(n), lengths))
+    starts = np.cumsum(lengths) - lengths  # each example's first value in `flat`
+    cols = np.arange(len(values)) - np.repeat(starts, lengths) + (np.repeat(width - lengths, lengths) if left else 0)
+    out[rows, torch.from_numpy(cols)] = flat
+    return out
+
+class TensorBatches(torch.utils.data.Dataset):
+    """The columns a model takes, as tensors: a DataLoader gets each batch from `__getitems__` (a batch's indices) in one
+    gather, padded as the collator path pads it. `dataset` is the dataset they were made from."""
+    def __init__(self, dataset, columns: list[tuple], lengths: list[int] | None, multiple: int | None, left: bool,
+                 trim: bool):
+        self.dataset, self.columns, self.lengths, self.multiple, self.left, self.trim = dataset, columns, lengths, multiple, left, trim
+        self.width = max((c[1].shape[1] for c in columns if c[2]), default=0)  # of the padded columns
+    def __len__(self): return len(self.columns[0][1])
+    @property
+    def nbytes(self) -> int:
+        "Memory the tensors take."
+        return sum(c[1].nbytes for c in self.columns)
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        idx = torch.tensor(indices)
+        if self.lengths is not None:
+            n = max(map(self.lengths.__getitem__, indices))
+            if self.multiple: n = -(-n // self.multiple) * self.multiple
+            start = self.width - n if self.left else 0
+        batch = {}
+        for key, store, padded, dtype in self.columns:
+            v = (store.narrow(1, start, n) if padded else store).index_select(0, idx)
+            batch[key] = v if v.dtype is dtype else v.to(dtype)
+        return trim_padding(batch) if self.trim else batch
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        "Example `i`, as one batch of one."
+        return self.__getitems__([i])
+
+def _size(nbytes: int) -> str:
+    return next(f"{nbytes / 2**p:,.1f} {u}" for p, u in ((30, "GB"), (20, "MB"), (10, "kB"), (0, "bytes")) if nbytes >= 2**p or not p)
+
+def _same_batch(a: dict, b: dict) -> bool:
+    return list(a) == list(b) and all(isinstance(a[k], torch.Tensor) and isinstance(b[k], torch.Tensor) and a[k].dtype == b[k].dtype
+                                      and a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
+
+def tensor_batches(dataset, collator: Collator, first: dict, batch_size: int) -> tuple[TensorBatches | None, str]:
+    "The fast path's `TensorBatches` for `dataset` (or None: the general path), and a few words for the preflight summary."
+    try: batches = _tensor_batches(dataset, collator, first, batch_size)
+    except NotFast as e: return None, f"batches collated from rows ({e})"
+    return batches, f"batches gathered from tensors made once ({_size(batches.nbytes)})"
+
+def _tensor_batches(dataset, collator: Collator, first: dict, batch_size: int) -> TensorBatches:
+    if not _arrow_dataset(dataset): raise NotFast(f"a {type(dataset).__name__}, not a datasets.Dataset")
+    fmt = dataset.format
+    if fmt["type"] == "custom": raise NotFast("a dataset with a transform (set_transform / with_transform)")
+    if fmt["type"] is not None or set(fmt["columns"] or ()) != set(dataset.column_names):
+        raise NotFast(f"a dataset in {fmt['type'] or 'another'} format (set_format / with_format)")
+    tok, multiple, per_token = _padding(collator)
+    if tok is not None: _check_tokenizer(tok)
+    plan = collator.plan
+    table = dataset.select_columns(plan.used).with_format("arrow")[:]
+    cols = {plan.renames.get(c, c): _read_column(table.column(c).combine_chunks(), c) for c in plan.used}
+    if tok is None:  # stacking: every list column of one length
+        for k, (_, lengths, _) in cols.items():
+            if lengths is not None and (lengths.min() != lengths.max() or lengths.min() == 0):
+                raise NotFast(f"column {k!r} has lists of different lengths")
+        lengths, multiple, left, width = None, None, False, 0
+        compact = sum(len(v) * 8 for v, _, _ in cols.values()) > FAST_PATH_COMPACT_BYTES
+        stores = [(k, _store(*cols[k], compact=compact), False, cols[k][2]) for k in cols]
+    else:
+        if "input_ids" not in cols or cols["input_ids"][1] is None: raise NotFast("no input_ids column of lists")
+        lengths = cols["input_ids"][1]
+        if lengths.min() == 0: raise NotFast("an example with no input_ids")
+        if "attention_mask" not in cols:  # tokenizer.pad makes one
+            cols["attention_mask"] = (np.ones(lengths.sum(), dtype=np.int64), lengths, torch.int64)
+        pads = {"input_ids": tok.pad_token_id, "token_type_ids": tok.pad_token_type_id, **_PADS}
+        labels = cols.get("labels")
+        token_labels = per_token and labels is not None and labels[1] is not None and np.array_equal(labels[1], lengths)
+        if per_token and labels is not None and labels[1] is not None and not token_labels and (labels[1] == lengths).any():
+            raise NotFast("labels per token in some examples only")
+        if token_labels:
+            if labels[2] is not torch.int64: raise NotFast("per-token labels that are not integers")
+            pads["labels"] = -100
+        left = tok.padding_side == "left"
+        width = int(lengths.max()) if not multiple else -(-int(lengths.max()) // multiple) * multiple
+        compact = sum(len(lengths) * width * 8 if k in pads else len(v) * 8 for k, (v, _, _) in cols.items()) > FAST_PATH_COMPACT_BYTES
+        stores = []
+        for k, (values, lens, dtype) in cols.items():
+            if k in pads:
+                if lens is None or not np.array_equal(lens, lengths): raise NotFast(f"column {k!r} is not as long as input_ids")
+                stores.append((k, _store(values, lens, dtype, pads[k], width, left, compact), True, dtype))
+            else:
+                if lens is not None and (lens.min() != lens.max() or lens.min() == 0):
+                    raise NotFast(f"column {k!r} has lists of different lengths")
+                stores.append((k, _store(values, lens, dtype, compact=compact), False, dtype))
+        lengths = lengths.tolist()
+    # padded to the longest example, a batch can be cut only where an attention mask has zeros of its own
+    trim = collator.trim and "attention_mask" in cols and bool((cols["attention_mask"][0] == 0).any())
+    batches = TensorBatches(dataset, stores, lengths, multiple, left, trim)
+    if batches.nbytes > FAST_PATH_MAX_BYTES: raise NotFast(f"the tensors would take {_size(batches.nbytes)}")
+    order = {k: i for i, k in enumerate(first)}  # the collator's key order
+    if set(order) != {c[0] for c in batches.columns}: raise NotFast("the collator's batch has other keys")
+    batches.columns.sort(key=lambda c: order[c[0]])
+    if not _same_batch(batches.__getitems__(list(range(min(batch_size, len(dataset))))), first):
+        raise NotFast("the first batch differs from the collator's")
+    return batches
+
+def _as_is(batch): return batch  # the DataLoader's collate_fn on the fast path: `__getitems__` made the batch
+
+def gather_batches(loader: DataLoader) -> Iterator[dict]:
+    """What iterating a fast-path `loader` (over `TensorBatches`, prepared by Accelerate or not) gives: each batch of
+    indices of its batch sampler (this process's shard, under `launch`), gathered — without the DataLoader's machinery."""
+    return map(loader.dataset.__getitems__, loader.batch_sampler)
+
+# %% ../nbs/01_data.ipynb #b9296c2f
+def one_ahead(batches: Iterator[dict], copy: Callable[[dict], dict], ready: Callable[[dict], dict]) -> Iterator[dict]:
+    "`ready(copy(batch))` for each batch, the next batch's `copy` started before the current batch is yielded."
+    try:
+        try: ahead = copy(next(batches))
+        except StopIteration: return
+        while True:
+            batch = ready(ahead)  # before the next copy starts: the step waits for its own batch only
+            try: ahead = copy(next(batches))
+            except StopIteration:
+                yield batch
+                return
+            yield batch
+    finally:
+        if hasattr(batches, "close"): batches.close()  # a loader's generator, stopped early
+
+def to_device_ahead(batches: Iterable[dict], device) -> Iterator[dict]:
+    """Iterate `batches` on `device`: on a GPU, copied from pinned memory on a stream of their own one batch ahead of
+    the step; on the CPU, as they come."""
+    device = torch.device(device)
+    if device.type == "cpu": return iter(batches)
+    def tensors(batch: dict, move: Callable) -> dict:
+        return {k: move(v) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    if device.type != "cuda": return one_ahead(iter(batches), lambda b: tensors(b, lambda v: v.to(device)), lambda b: b)
+    copying, main = torch.cuda.Stream(device), torch.cuda.current_stream(device)
+    def copy(batch: dict) -> dict:
+        with torch.cuda.stream(copying): return tensors(batch, lambda v: v.pin_memory().to(device, non_blocking=True))
+    def ready(batch: dict) -> dict:
+        main.wait_stream(copying)
+        # made on the copy stream and used on the step's: the allocator must not reuse the memory before the step is done
+        for v in batch.values():
+            if isinstance(v, torch.Tensor): v.record_stream(main)
+        return batch
+    return one_ahead(iter(batches), copy, ready)
+
 # %% ../nbs/01_data.ipynb #ad0a7004
 class EpochSampler(Sampler):
     "A shuffling sampler whose order is a pure function of `(seed, epoch)`; optionally grouped by length."
@@ -276,10 +486,13 @@ def example_lengths(dataset, column: str = "input_ids") -> list[int]:
                         f"length in every example ({type(e).__name__}: {e}); set group_by_length=False.") from e
 
 def make_dataloader(dataset, collator: Callable, batch_size: int, shuffle: bool, seed: int = 0,
-                    num_workers: int = 0, drop_last: bool = False, group_by_length: bool = False) -> DataLoader:
-    "A DataLoader whose order is reproducible from `seed` and the epoch set on its `EpochSampler`."
+                    num_workers: int = 0, drop_last: bool = False, group_by_length: bool = False,
+                    batches: TensorBatches | None = None) -> DataLoader:
+    """A DataLoader whose order is reproducible from `seed` and the epoch set on its `EpochSampler`; with `batches` (the
+    fast path) each batch of indices is gathered from them, with the same sampler."""
     lengths = example_lengths(dataset) if (shuffle and group_by_length) else None
     sampler = EpochSampler(len(dataset), seed, shuffle=shuffle, lengths=lengths, batch_size=batch_size)
+    if batches is not None: dataset, collator, num_workers = batches, _as_is, 0
     # a generator of its own, so that starting an epoch draws nothing from the global random state
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collator, num_workers=num_workers,
                       drop_last=drop_last, generator=torch.Generator().manual_seed(seed))

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # %% auto #0
-__all__ = ['EVENTS', 'TrainerState', 'TrainerControl', 'TrainerCallback', 'CallbackHandler', 'FlowCallback', 'metric_value',
-           'is_better', 'EarlyStoppingCallback']
+__all__ = ['EVENTS', 'TrainerState', 'TrainerControl', 'TrainerCallback', 'CallbackError', 'CallbackHandler', 'FlowCallback',
+           'metric_value', 'is_better', 'EarlyStoppingCallback']
 
 # %% ../nbs/02_events.ipynb #dfbc4775
 @dataclass
@@ -86,6 +86,20 @@ class TrainerCallback:
     def on_prediction_step(self, args, state, control, **kwargs): pass
 
 # %% ../nbs/02_events.ipynb #6f5f7fc6
+class CallbackError(RuntimeError):
+    "A user's callback raised; the message names it, the event and the step, and `__cause__` is what it raised."
+
+def _callback_failed(fn, event: str, state: TrainerState, e: Exception) -> CallbackError:
+    cb = type(getattr(fn, "__self__", fn)).__name__
+    err = CallbackError(f"callback {cb}.{event} raised {type(e).__name__}: {e} (at step {state.global_step}; "
+                        f"epoch {state.epoch:.2f}). The callback is yours: fix it, or remove it with "
+                        f"trainer.remove_callback({cb}).")
+    err.event = event
+    return err
+
+def _ours(fn) -> bool:
+    return type(getattr(fn, "__self__", fn)).__module__.startswith("nbtrain.")
+
 class CallbackHandler:
     "Holds the callbacks and fires events on them, in order."
     def __init__(self, callbacks: list, **objects):
@@ -115,7 +129,10 @@ class CallbackHandler:
     def fire(self, event: str, args, state: TrainerState, control: TrainerControl, **kwargs) -> TrainerControl:
         "Call `event` on every callback that defines it."
         for fn in self._listeners[event]:
-            res = fn(args, state, control, **self.objects, **kwargs)
+            try: res = fn(args, state, control, **self.objects, **kwargs)
+            except Exception as e:
+                if _ours(fn) or isinstance(e, CallbackError): raise
+                raise _callback_failed(fn, event, state, e) from e
             if isinstance(res, TrainerControl): control = res
         return control
 

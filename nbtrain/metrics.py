@@ -5,14 +5,16 @@
 # %% ../nbs/03_metrics.ipynb #c9a2ac91
 from __future__ import annotations
 
+import inspect
+import re
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['IGNORE_INDEX', 'MetricError', 'EvalPrediction', 'align', 'check_metrics', 'StreamingMetrics', 'compute_metric_values',
-           'Accumulator']
+__all__ = ['IGNORE_INDEX', 'MetricError', 'EvalPrediction', 'align', 'shift_pair', 'shifts_itself', 'check_metrics',
+           'StreamingMetrics', 'compute_metric_values', 'Accumulator']
 
 # %% ../nbs/03_metrics.ipynb #1676ac66
 class MetricError(ValueError):
@@ -38,6 +40,26 @@ def align(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, tor
         keep = labels != IGNORE_INDEX
         return logits[keep], labels[keep]
     return logits, labels
+
+# %% ../nbs/03_metrics.ipynb #272ad9cb
+def shift_pair(logits, labels) -> tuple:
+    "A causal LM's pairing: the outputs at positions `:-1` with the labels at `1:`, the next token each predicts."
+    if not isinstance(labels, torch.Tensor) or labels.dim() < 2: return logits, labels
+    n = labels.shape[1]
+    def cut(x):
+        if isinstance(x, (tuple, list)): return type(x)(cut(v) for v in x)
+        return x[:, :-1] if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[1] == n else x
+    return cut(logits), labels[:, 1:]
+
+
+_ONE_OFF = re.compile(r"\[\s*(?::|\.\.\.)\s*,\s*(?:1\s*:|:\s*-\s*1)\s*\]")  # [:, 1:]  [..., :-1]
+
+def shifts_itself(fn: Callable | None) -> bool:
+    "Whether `fn`'s source cuts a sequence by one position (`[:, 1:]`, `[..., :-1]`), as run_clm's `compute_metrics` does."
+    if fn is None: return False
+    try: source = inspect.getsource(fn)
+    except (OSError, TypeError): return False
+    return bool(_ONE_OFF.search(source))
 
 # %% ../nbs/03_metrics.ipynb #d77bf528
 def check_metrics(metrics: dict | None) -> dict:
@@ -75,8 +97,9 @@ class StreamingMetrics:
     def reset(self):
         for m in self.metrics.values(): m.reset()
 
-    def update(self, logits, labels, gather: Callable | None = None):
-        "Feed one batch to every metric; across processes, `gather` collects it for metrics that do not sync themselves."
+    def update(self, logits, labels, gather: Callable | None = None, shift: bool = False):
+        """Feed one batch to every metric; across processes, `gather` collects it for metrics that do not sync themselves.
+        `shift`: a causal LM's batch, lined up as `shift_pair` says, except for metrics with a `prepare` of their own."""
         if not self.metrics: return
         if isinstance(logits, (tuple, list)) and len(logits) == 1: logits = logits[0]
         shared = gathered = None
@@ -85,7 +108,7 @@ class StreamingMetrics:
             try:
                 if own is not None: inputs = own(logits, labels)  # the metric reduces the raw batch itself
                 else:
-                    if shared is None: shared = self.prepare(logits, labels)
+                    if shared is None: shared = self.prepare(*(shift_pair(logits, labels) if shift else (logits, labels)))
                     inputs = shared
             except Exception as e:
                 raise MetricError(f"lining up logits {_shape(logits)} and labels {_shape(labels)} for metric {name!r} failed "

@@ -27,22 +27,27 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import send_to_device, set_seed
 from torch import nn
 
+from .adapters import (check_supported, enable_gradient_checkpointing, frozen_hint, is_peft_model, keep_4bit_trainable,
+                              merged_copy, wrap_model)
 from .args import TrainingArguments
-from .checkpoint import (CheckpointCallback, CheckpointWriteError, load_weights, os_error, read_loop_state,
+from .background import Run, RunControl, refuse_during
+from .checkpoint import (CheckpointCallback, CheckpointWriteError, RunLock, load_weights, os_error, read_loop_state,
                                 resolve_checkpoint, restore_training, save_weights)
-from .dashboard import default_progress, plot_history
-from .data import (Collator, ColumnPlan, DataError, EpochSampler, column_names, default_collator, default_label_names,
-                          is_dataset_dict, make_dataloader, preflight_batch, require_examples)
-from .events import CallbackHandler, EarlyStoppingCallback, FlowCallback, TrainerControl, TrainerState
-from .metrics import Accumulator, EvalPrediction, MetricError, StreamingMetrics, compute_metric_values
+from .dashboard import NotebookDashboard, default_progress, plot_history, train_call
+from .data import (Collator, ColumnPlan, DataError, EpochSampler, TensorBatches, column_names, default_collator,
+                          default_label_names, gather_batches, is_dataset_dict, make_dataloader, preflight_batch,
+                          require_examples, tensor_batches, to_device_ahead)
+from .events import CallbackError, CallbackHandler, EarlyStoppingCallback, FlowCallback, TrainerControl, TrainerState
+from .readouts import TokenCounter, parameter_readouts, peak_memory_mb
+from .metrics import Accumulator, EvalPrediction, MetricError, StreamingMetrics, compute_metric_values, shift_pair, shifts_itself
 from .tracking import LogFileCallback, TrackerCallback, history_from, resolve_trackers
 
 # %% auto #0
-__all__ = ['ENV_PRECISION', 'TRAJECTORY_ARGS', 'LAUNCH_STOP', 'TrainOutput', 'PredictionOutput', 'param_groups', 'make_optimizer',
-           'make_scheduler', 'split_outputs', 'loss_shifts_labels', 'label_smoothed_loss', 'TrainingInterrupted',
-           'LaunchStop', 'stop_with', 'InterruptFlag', 'NonFiniteLossError', 'describe_batch', 'batch_error',
-           'weights_finite', 'ScalerWatch', 'NonFiniteGuard', 'loader_position', 'stop_loader_workers', 'StopRequests',
-           'LossWeights', 'EvalLoopOutput', 'format_metrics', 'model_card', 'upload_folder', 'Trainer']
+__all__ = ['ENV_PRECISION', 'TRAJECTORY_ARGS', 'LAUNCH_STOP', 'PATIENCE_S', 'TrainOutput', 'PredictionOutput', 'param_groups',
+           'make_optimizer', 'make_scheduler', 'split_outputs', 'loss_shifts_labels', 'label_smoothed_loss',
+           'TrainingInterrupted', 'LaunchStop', 'stop_with', 'InterruptFlag', 'NonFiniteLossError', 'describe_batch',
+           'batch_error', 'weights_finite', 'ScalerWatch', 'NonFiniteGuard', 'loader_position', 'stop_loader_workers',
+           'StopRequests', 'LossWeights', 'EvalLoopOutput', 'format_metrics', 'model_card', 'upload_folder', 'Trainer']
 
 # %% ../nbs/06_trainer.ipynb #54985f06
 ENV_PRECISION = "NBTRAIN_MIXED_PRECISION"  # set by `launch` in its children; the Trainer's Accelerator uses it
@@ -73,7 +78,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def make_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
     "AdamW from the arguments; `optim='adamw_torch_fused'` (the default, as in transformers 5) uses torch's fused kernel."
     fused = args.optim == "adamw_torch_fused" and all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
-                                                       for p in model.parameters())
+                                                       for p in model.parameters() if p.requires_grad)
     return torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                              eps=args.adam_epsilon, fused=fused or None)
 
@@ -201,13 +206,16 @@ def stop_with(stop: LaunchStop | None):
     global LAUNCH_STOP
     LAUNCH_STOP = stop
 
+PATIENCE_S = 3.0  # presses within this long of the first are one request; after it, a step that has not ended is stuck
+
 class InterruptFlag:
-    "While active, the first SIGINT sets `requested`; a second one raises `KeyboardInterrupt` at once."
-    def __init__(self): self.requested = False
+    """While active, the first SIGINT sets `requested`; more within `PATIENCE_S` (■ pressed again and again) change
+    nothing, and one after that, while the run still has not stopped, raises `KeyboardInterrupt` at once."""
+    def __init__(self): self.requested, self.since = False, 0.0
 
     def _handler(self, signum, frame):
-        if self.requested: raise KeyboardInterrupt
-        self.requested = True
+        if not self.requested: self.requested, self.since = True, time.monotonic()
+        elif time.monotonic() - self.since > PATIENCE_S: raise KeyboardInterrupt
 
     @contextlib.contextmanager
     def active(self):
@@ -362,10 +370,16 @@ def stop_loader_workers(batches=None, error: BaseException | None = None):
         if hasattr(it, "_shutdown_workers"): it._shutdown_workers()
 
 # %% ../nbs/06_trainer.ipynb #ae26f92e
+# a user's callback failing at these leaves the state of a finished step (after `on_step_end`, before the next one)
+_BETWEEN_STEPS = ("on_step_end", "on_log", "on_evaluate", "on_epoch_end", "on_epoch_begin", "on_step_begin")
+
 class StopRequests:
-    "Every reason to end a run before its last step, asked once per step: the kernel's interrupt, `launch`'s stop, `control`."
-    def __init__(self, max_steps: int, step: int):
+    """Every reason to end (or hold) a run before its last step, asked once per step: the kernel's interrupt, `launch`'s
+    stop, `control`, and what the notebook asks of a background run (`asked`: pause, save, evaluate, stop), which
+    `serve` — the trainer's own save and evaluate — answers at the step boundary."""
+    def __init__(self, max_steps: int, step: int, asked: RunControl | None = None, serve: dict | None = None):
         self.max_steps, self.step, self.interrupt, self.launched = max_steps, step, InterruptFlag(), LAUNCH_STOP
+        self.asked, self.serve, self.stopped = asked, serve, False
         if self.launched is not None: self.launched.begin(step)
 
     def active(self):
@@ -374,13 +388,19 @@ class StopRequests:
 
     @property
     def interrupted(self) -> bool:
-        "An interrupt asks the run to end; one that arrives during the last step changes nothing: the run finishes."
-        return self.interrupt.requested and self.step < self.max_steps
+        "An interrupt (or `run.stop()`) asks the run to end; one that arrives during the last step changes nothing: the run finishes."
+        return (self.interrupt.requested or self.stopped) and self.step < self.max_steps
+
+    @property
+    def save(self) -> bool:
+        "Whether ending early saves a checkpoint: always after an interrupt, as `run.stop(save=...)` says after a stop."
+        return not self.stopped or bool(self.asked.save_on_stop)
 
     def after_step(self, step: int, control) -> bool:
-        "Record that `step` is done; whether the epoch's loop ends here."
+        "Record that `step` is done; serve what a background run was asked (it may hold here); whether the epoch's loop ends here."
         self.step = step
         if self.launched is not None and self.launched.reached(step): self.interrupt.requested = True
+        if self.asked is not None and self.asked.pending: self.stopped = self.asked.serve(step, self.serve)
         return control.should_epoch_stop or control.should_training_stop or self.interrupted
 
     def after_epoch(self, control) -> bool:
@@ -515,6 +535,7 @@ class _Run:
     batches: Any = None      # this epoch's iterator
     update: int = 0          # the step's index in its epoch
     last_in_epoch: bool = False
+    ahead: bool = False      # fast-path batches, moved to the device one step ahead by the loop (not by Accelerate)
 
 class Trainer:
     "Train, evaluate and predict with transformers' Trainer API, made for notebooks."
@@ -522,7 +543,7 @@ class Trainer:
                  train_dataset=None, eval_dataset=None, processing_class=None, model_init: Callable | None = None,
                  compute_loss_func: Callable | None = None, compute_metrics: Callable | None = None,
                  callbacks: list | None = None, optimizers: tuple = (None, None),
-                 preprocess_logits_for_metrics: Callable | None = None, metrics: dict | None = None):
+                 preprocess_logits_for_metrics: Callable | None = None, metrics: dict | None = None, peft_config=None):
         self.args = args if args is not None else TrainingArguments()
         if not isinstance(self.args, TrainingArguments):
             raise TypeError(f"args must be an nbtrain TrainingArguments, got {type(self.args).__module__}.{type(self.args).__name__}; "
@@ -532,6 +553,11 @@ class Trainer:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}"
                             + (" (a model class: instantiate it, e.g. Model(config) or Model.from_pretrained(...))" if isinstance(model, type) else "")
                             + ".")
+        if peft_config is not None:  # as TRL's trainers do: the adapter is added here, its random init seeded by args.seed
+            a = self.args
+            model = wrap_model(model, peft_config, a.seed, a.gradient_checkpointing, a.gradient_checkpointing_kwargs)
+        check_supported(model)
+        keep_4bit_trainable(model)  # before anything runs it in eval mode (see nbtrain.adapters)
         if self.args.eval_strategy != "no" and eval_dataset is None:
             raise ValueError(f"eval_strategy={self.args.eval_strategy!r} but no eval_dataset was given; pass "
                              "Trainer(eval_dataset=...) or set eval_strategy='no'.")
@@ -556,7 +582,9 @@ class Trainer:
         self._first_batch = self._first_eval_batch = self._numbered = self._train_summary = None
         self._watch, self._good_checkpoint = None, None  # fp16's ScalerWatch; the checkpoint to go back to after a NaN
         self._guard = None  # the run's NonFiniteGuard
+        self._background: Run | None = None  # the last train(background=True)'s handle
         self._tr_loss, self._total_loss, self._logged_steps = torch.zeros(()), 0.0, 0
+        self._tokens, self._reduce_sum, self._run_readouts = TokenCounter(torch.device("cpu")), None, None  # see _begin_run
         defaults = [FlowCallback()]
         if self.args.output_dir: defaults.append(CheckpointCallback())  # also saves on interrupt with save_strategy="no"
         if self.args.output_dir and self.args.log_to_file: defaults.append(LogFileCallback())
@@ -612,10 +640,12 @@ class Trainer:
         self._first_batch = batch
         # a collator of the user's own may draw random numbers (masking): numbered batches keep a resumed run exact
         self._numbered = collator if self.data_collator is not None else None
+        # the fast path, where it applies: the same sampler, each batch gathered from tensors made once (01_data)
+        fast, how = tensor_batches(self.train_dataset, collator, batch, a.per_device_train_batch_size)
         dl = make_dataloader(self.train_dataset, collator, a.per_device_train_batch_size, shuffle=True,
                              seed=a.data_seed if a.data_seed is not None else a.seed, num_workers=a.dataloader_num_workers,
-                             drop_last=a.dataloader_drop_last, group_by_length=a.group_by_length)
-        self._train_summary = collator.plan.summary("train_dataset")
+                             drop_last=a.dataloader_drop_last, group_by_length=a.group_by_length, batches=fast)
+        self._train_summary = f"{collator.plan.summary('train_dataset')}; {how}"
         return dl
 
     def get_eval_dataloader(self, eval_dataset=None):
@@ -629,8 +659,9 @@ class Trainer:
 
     def _eval_dataloader(self, dataset, name: str):
         collator, self._first_eval_batch = self._check_dataset(dataset, name, self.args.per_device_eval_batch_size)
+        fast, _ = tensor_batches(dataset, collator, self._first_eval_batch, self.args.per_device_eval_batch_size)
         return make_dataloader(dataset, collator, self.args.per_device_eval_batch_size, shuffle=False,
-                               num_workers=self.args.dataloader_num_workers)
+                               num_workers=self.args.dataloader_num_workers, batches=fast)
 
     def _eval_loaders(self, dataset) -> dict:
         "Prepared evaluation DataLoaders by name: `{None: loader}` for one dataset, one per entry of a dict of datasets."
@@ -659,7 +690,7 @@ class Trainer:
             labels = inputs.pop("labels")
             outputs = model(**inputs)
             loss = label_smoothed_loss(split_outputs(outputs)[1], labels, self.args.label_smoothing_factor,
-                                       shift=loss_shifts_labels(self.accelerator.unwrap_model(model)))
+                                       shift=loss_shifts_labels(self.model))
         else:
             outputs = model(**inputs)
             loss, _ = split_outputs(outputs)
@@ -699,7 +730,8 @@ class Trainer:
         "Run the first batch through the model (eval mode, no grad) and check what the run will need."
         if not any(p.requires_grad for p in model.parameters()):
             raise ValueError(f"{type(model).__name__} has no trainable parameters (none with requires_grad=True), so there is "
-                             "nothing to train; unfreeze some, e.g. for p in model.classifier.parameters(): p.requires_grad_(True).")
+                             "nothing to train; unfreeze some, e.g. for p in model.classifier.parameters(): p.requires_grad_(True)."
+                             + frozen_hint(model))
         # a subclass's compute_loss or prediction_step is called by the run only, as often as transformers calls it: its
         # errors then come from the first step, and the metric names from the first evaluation
         if _user_overrides(self, "compute_loss") or _user_overrides(self, "prediction_step"):
@@ -741,14 +773,13 @@ class Trainer:
         batch = send_to_device(self._first_eval_batch, self.accelerator.device)
         try:
             _, logits, labels = self.prediction_step(model, batch, prediction_loss_only=False)
-            if self.preprocess_logits_for_metrics is not None and logits is not None:
-                logits = self.preprocess_logits_for_metrics(logits, labels)
+            (logits, labels), streamed = self._metric_pairs(logits, labels, self._metric_shift())
         except _PASS_THROUGH: raise
         except Exception as e: raise batch_error(e, "preflight, the first eval_dataset batch", batch, later=False) from e
         names = dict.fromkeys(self.streaming.metrics)
         if self.streaming.metrics and logits is not None and labels is not None:  # a metric giving a dict logs several names
             self.streaming.to(self.accelerator.device).reset()
-            self.streaming.update(logits, labels)
+            self.streaming.update(*streamed[:2], shift=streamed[2])
             names.update(dict.fromkeys(k.removeprefix("eval_") for k in self.streaming.compute()))
             self.streaming.reset()
         if self.compute_metrics is not None and self.args.metric_for_best_model:
@@ -801,14 +832,30 @@ class Trainer:
                     scaler=self.accelerator.scaler, args=self.args, callbacks=tuple(self.callbacks),
                     processing_class=self.processing_class,
                     # the loss summed since the last log: a resumed run logs the same losses as an uninterrupted one
-                    loop_state={"tr_loss": float(self._tr_loss), "total_loss": self._total_loss, "logged_steps": self._logged_steps})
+                    loop_state={"tr_loss": float(self._tr_loss), "total_loss": self._total_loss, "logged_steps": self._logged_steps,
+                                "num_tokens": self._tokens.seen})
 
-    def train(self, resume_from_checkpoint: bool | str | None = None, trial=None, ignore_keys_for_eval: list[str] | None = None) -> TrainOutput:
-        "Train; `resume_from_checkpoint=True` (latest complete checkpoint) or a path continues a saved run exactly."
-        run = self._begin_run(resume_from_checkpoint, trial, ignore_keys_for_eval)
-        model, st, stop = self.model_wrapped, self.state, run.stop
-        try:
-            with stop.active():
+    def train(self, resume_from_checkpoint: bool | str | None = None, trial=None, ignore_keys_for_eval: list[str] | None = None,
+              background: bool = False) -> TrainOutput | Run:
+        """Train; `resume_from_checkpoint=True` (latest complete checkpoint) or a path continues a saved run exactly.
+        `background=True` checks and prepares the run here, then trains in a thread and returns its `Run` at once."""
+        refuse_during(self._background, "train")
+        if background and (LAUNCH_STOP is not None or self.accelerator.num_processes > 1):
+            raise ValueError("train(background=True) trains in a thread of this process, which launch's processes do not support "
+                             "yet; call trainer.train() in the launched function (the kernel's interrupt stops every rank).")
+        control = RunControl() if background else None
+        # one run at a time writes into output_dir, from here to the run's end (see the checkpoint notebook)
+        lock = RunLock(self.args.output_dir if self.accelerator.is_main_process else None).acquire()
+        try: run = self._begin_run(resume_from_checkpoint, trial, ignore_keys_for_eval, control)
+        except BaseException: lock.release(); raise
+        if background: return self._start_background(run, ignore_keys_for_eval, lock)
+        with lock: return self._training_loop(run, ignore_keys_for_eval)
+
+    def _training_loop(self, run: _Run, ignore_keys_for_eval: list[str] | None = None) -> TrainOutput:
+        "The steps of a prepared run, to its end: the last step, an interrupt or stop (at a step boundary), or a failure."
+        model, st, stop, tokens = self.model_wrapped, self.state, run.stop, self._tokens
+        with stop.active():  # to the run's end: presses during its last save are the same stop, not a KeyboardInterrupt
+            try:
                 for epoch in range(run.start_epoch, run.num_epochs if st.global_step < run.max_steps else 0):
                     self.control._new_epoch()
                     self._fire("on_epoch_begin")
@@ -819,6 +866,7 @@ class Trainer:
                             with run.no_sync(model, i), run.batch_errors(epoch, i, inputs):
                                 loss = self.training_step(model, inputs, num_items_in_batch)
                             run.add_loss(self._tr_loss, loss)
+                            if tokens.count is not None: tokens.count(inputs)  # real tokens, summed on the device
                             if i < len(window) - 1: self._fire("on_substep_end")
                         grad_norm = self._optimizer_step(run)
                         st.global_step += 1
@@ -831,12 +879,30 @@ class Trainer:
                     self._fire("on_epoch_end")
                     self._maybe_log_save_evaluate(None, ignore_keys=ignore_keys_for_eval)
                     if stop.after_epoch(self.control): break
-        except BaseException as e:  # a failure: the progress shows where it stopped, then the error propagates
-            self._end_failed(run, e)
-            raise
-        return self._end_run(run)
+            except BaseException as e:  # a failure: the progress shows where it stopped, then the error propagates
+                self._end_failed(run, e)
+                raise
+            return self._end_run(run)
 
-    def _begin_run(self, resume_from_checkpoint, trial, ignore_keys_for_eval) -> _Run:
+    def _start_background(self, run: _Run, ignore_keys_for_eval: list[str] | None, lock: RunLock) -> Run:
+        "The run's loop in a thread of its own (see the background notebook), holding `lock` to its end; its handle."
+        a, control = self.args, run.stop.asked
+        def loop():
+            with lock: return self._training_loop(run, ignore_keys_for_eval)
+        self._background = Run(loop, control,
+                               step=lambda: self.state.global_step,
+                               can_save=None if a.output_dir else "run.save(): the trainer has no output_dir to save in; set "
+                               "TrainingArguments(output_dir=...) for the next run.",
+                               can_evaluate=None if self.eval_dataset is not None else "run.evaluate(): the trainer has no "
+                               "eval_dataset; pass Trainer(eval_dataset=...).")
+        return self._background.start()
+
+    def _save_now(self) -> Path:
+        "A checkpoint of this step (`run.save()`, at a step boundary); its folder."
+        if self.state.global_step != self._saved_step: self._save()
+        return self.last_checkpoint
+
+    def _begin_run(self, resume_from_checkpoint, trial, ignore_keys_for_eval, control: RunControl | None = None) -> _Run:
         "Everything before the first step: data and preflight, optimizer and schedule, state, resume position, callbacks."
         if trial is not None: raise ValueError("trial= is for hyperparameter search, which nbtrain does not run; leave it out.")
         a, acc = self.args, self.accelerator
@@ -849,10 +915,14 @@ class Trainer:
             self._eval_loaders(self.eval_dataset))  # by dataset name; a subclass's dataloader is asked at each evaluation
         self._best_unchecked = eval_dl == {}
         self.model = self.model.to(acc.device)
+        keep_4bit_trainable(self.model)
+        if a.gradient_checkpointing: enable_gradient_checkpointing(self.model, a.gradient_checkpointing_kwargs)
         if self._first_batch is not None: self._preflight(self.model, send_to_device(self._first_batch, acc.device), eval_dl)
         if acc.is_main_process and not a.disable_tqdm and self._train_summary: print(self._train_summary)
 
-        train_dl = acc.prepare_data_loader(train_dl)  # under launch: this process's shard of every global batch
+        # under launch: this process's shard of every global batch; fast-path batches go to the device one step ahead
+        ahead = isinstance(getattr(train_dl, "dataset", None), TensorBatches)
+        train_dl = acc.prepare_data_loader(train_dl, device_placement=False if ahead else None)
         ga, world = a.gradient_accumulation_steps, acc.num_processes
         batches_per_epoch = len(train_dl)
         steps_per_epoch = max(1, math.ceil(batches_per_epoch / ga))
@@ -882,7 +952,9 @@ class Trainer:
         self._good_checkpoint = folder  # weights to go back to if the loss turns NaN
         self.control = TrainerControl()
         self._eval_dl = eval_dl
-        try: self._fire("on_train_begin", train_dataloader=train_dl, eval_dataloader=next(iter(eval_dl.values())) if eval_dl else None)
+        # a background run's dashboard gets its buttons (`run_control`); it is built here, in the main thread
+        try: self._fire("on_train_begin", train_dataloader=train_dl, eval_dataloader=next(iter(eval_dl.values())) if eval_dl else None,
+                        **({"run_control": control} if control is not None else {}))
         except BaseException as e:  # a callback refused to start: those that did start (the dashboard's clock) end
             self._eval_dl = None
             self._fire("on_train_end", outcome="failed", error=e)
@@ -890,6 +962,11 @@ class Trainer:
         self._tr_loss = torch.zeros((), device=acc.device)  # running sum since the last log, kept on device
         self._total_loss, self._logged_steps, self._saved_step = 0.0, self.state.global_step, self.state.global_step
         if loop: self._tr_loss.fill_(loop["tr_loss"]); self._total_loss, self._logged_steps = loop["total_loss"], loop["logged_steps"]
+        # the readouts (nbtrain.readouts): tokens counted on the device, parameters counted once, in the run's first log row
+        self._tokens = TokenCounter(acc.device, seen=loop.get("num_tokens", 0) if loop else 0)
+        self._reduce_sum = functools.partial(acc.reduce, reduction="sum") if world > 1 else None
+        self._run_readouts = parameter_readouts(self.model)
+        self.state.trainable_params, self.state.total_params = self._run_readouts["trainable_params"], self._run_readouts["total_params"]
         self._step_lr = self.lr_scheduler.get_last_lr()[0]
         distributed = world > 1
         trainer = self
@@ -904,13 +981,13 @@ class Trainer:
         run = _Run(train_dl=train_dl, sampler=_epoch_sampler(train_dl), batches=None, batches_per_epoch=batches_per_epoch,
                    steps_per_epoch=steps_per_epoch, max_steps=max_steps, num_epochs=math.ceil(max_steps / steps_per_epoch),
                    start_epoch=start_epoch, skip_steps=skip_steps, resumed=bool(loop), update=0, last_in_epoch=False,
-                   data_seed=a.data_seed if a.data_seed is not None else a.seed, stop=StopRequests(max_steps, self.state.global_step),
+                   data_seed=a.data_seed if a.data_seed is not None else a.seed, stop=StopRequests(max_steps, self.state.global_step, control, {"save": self._save_now, "evaluate": self.evaluate}),
                    start_time=time.perf_counter(), start_step=self.state.global_step, batch_errors=batch_errors,
                    # DDP syncs gradients on a step's last micro-batch only
                    no_sync=lambda model, i: acc.no_sync(model) if distributed and i < self._weights.n - 1 else contextlib.nullcontext(),
                    add_loss=watch.add_loss if watch is not None else lambda tr_loss, loss: tr_loss.add_(loss),
                    # fp16: a single non-finite loss is an overflow the scaler skips, so the check waits for the log step
-                   nan_each_step=a.nan_check == "step" and watch is None, params=params)
+                   nan_each_step=a.nan_check == "step" and watch is None, params=params, ahead=ahead)
         self.model_wrapped.train()
         return run
 
@@ -934,7 +1011,8 @@ class Trainer:
         run.train_dl.set_epoch(epoch)
         if run.sampler is not None and skip: run.sampler.skip = skip * ga * a.per_device_train_batch_size * acc.num_processes
         if self._numbered is not None: self._numbered.number_batches(run.data_seed, epoch, skip * ga, acc.process_index)
-        run.batches, run.last_in_epoch = iter(run.train_dl), False
+        run.batches = to_device_ahead(gather_batches(run.train_dl), acc.device) if run.ahead else iter(run.train_dl)
+        run.last_in_epoch = False
         remaining = run.batches_per_epoch - skip * ga
         for update in range(skip, run.steps_per_epoch):
             n = min(ga, remaining); remaining -= n
@@ -944,8 +1022,10 @@ class Trainer:
                 for _ in range(n): window.append(next(run.batches))
             except Exception as e:
                 index = skip * ga + loader_position(e, update * ga + len(window) - skip * ga)  # a resumed epoch's loader starts there
-                raise batch_error(e, f"step {epoch * run.steps_per_epoch + index // ga + 1} (batch {index} of epoch "
-                                     f"{epoch}, train_dataset); training stopped at step {self.state.global_step}") from e
+                err = batch_error(e, f"step {epoch * run.steps_per_epoch + index // ga + 1} (batch {index} of epoch "
+                                     f"{epoch}, train_dataset); training stopped at step {self.state.global_step}")
+                err.between_steps = True  # no forward pass of this step has run: the state is the last step's
+                raise err from e
             run.update, run.last_in_epoch = update, update == run.steps_per_epoch - 1 or remaining <= 0
             yield window
 
@@ -971,16 +1051,32 @@ class Trainer:
         return grad_norm
 
     def _end_failed(self, run: _Run, e: BaseException):
-        "After a failure: no loader worker left, and the callbacks (the dashboard) show where the run stopped."
+        """After a failure: no loader worker left, the progress saved when the failure came between two steps (a user's
+        callback, `compute_metrics`, the data), and the callbacks (the dashboard) show where the run stopped."""
         stop_loader_workers(run.batches, e)
+        if getattr(e, "between_steps", False) or (isinstance(e, CallbackError) and e.event in _BETWEEN_STEPS): self._keep_progress(e)
         self._eval_dl = None
         self._fire("on_train_end", outcome="failed", error=e)
+
+    def _keep_progress(self, e: BaseException, then: str = "after the fix, trainer.train() continues from there.",
+                       unsaved: str = ""):
+        """After `e` from the user's code between two steps (a callback, a metric, the data): a checkpoint of the last
+        step, which a plain `train()` continues from, and `e`'s message says so."""
+        st = self.state
+        if not e.args: return
+        if self.args.output_dir and st.global_step != self._saved_step:
+            try: self._save()
+            except Exception: pass  # non-finite weights, a full disk: the error the user made comes first
+        saved = self.last_checkpoint is not None and self.last_checkpoint.name == f"checkpoint-{st.global_step}"
+        if saved: self._continue_from = (self.last_checkpoint, "the run")
+        kept = f"Its state is saved in {self.last_checkpoint}: {then}" if saved else unsaved
+        if kept: e.args = (f"{e.args[0]} {kept}",) + e.args[1:]
 
     def _end_run(self, run: _Run) -> TrainOutput:
         "After the last step (or an interrupt): the final loss check, the run's metrics, the best model, `on_train_end`."
         a = self.args
         stop_loader_workers(run.batches)
-        if run.stop.interrupted: self._stop_interrupted()
+        if run.stop.interrupted: self._stop_interrupted(run.stop)
         rest, skipped = self._loss_and_skips(self._tr_loss)  # the loss since the last log (all of it with logging_strategy="no")
         if a.nan_check != "off" and (not math.isfinite(rest) or skipped):
             err = self._non_finite(self._logged_steps + 1, self.state.global_step, rest)
@@ -1000,22 +1096,25 @@ class Trainer:
         self._eval_dl = None
         return TrainOutput(self.state.global_step, train_loss, metrics)
 
-    def _stop_interrupted(self):
-        "After an interrupt at a step boundary: save, tell the callbacks, and raise `TrainingInterrupted`."
+    def _stop_interrupted(self, stop: StopRequests):
+        "After an interrupt (or `run.stop()`) at a step boundary: save, tell the callbacks, and raise `TrainingInterrupted`."
         st, a = self.state, self.args
-        if a.output_dir and st.global_step > self._saved_step:
+        what = "stopped" if stop.stopped else "interrupted"
+        if a.output_dir and st.global_step > self._saved_step and stop.save:
             try: self._save()
             except BaseException as e:  # non-finite weights, or a write that failed: a failure, not an interruption
                 self._fire("on_train_end", outcome="failed", error=e)
                 self._eval_dl = None
                 raise
         saved = self.last_checkpoint is not None and self.last_checkpoint.name == f"checkpoint-{st.global_step}"
-        self._continue_from = (self.last_checkpoint, "the interrupted run") if saved else None
-        self._fire("on_train_end", outcome="interrupted")
+        self._continue_from = (self.last_checkpoint, f"the {what} run") if saved else None
+        self._fire("on_train_end", outcome=what)
         self._eval_dl = None
-        how = (f"Its state is saved in {self.last_checkpoint}; `trainer.train()` continues exactly from there."
-               if saved else "Nothing was saved (no output_dir); `trainer.train()` would start a new run.")
-        raise TrainingInterrupted(f"Training interrupted at step {st.global_step} of {st.max_steps}. {how}")
+        why = "run.stop(save=False)" if a.output_dir else "no output_dir"
+        again = train_call(self)  # `name.train()` with the notebook's name for this trainer, when there is one
+        how = (f"Its state is saved in {self.last_checkpoint}; `{again}` continues exactly from there."
+               if saved else f"Nothing was saved ({why}); `{again}` would start a new run.")
+        raise TrainingInterrupted(f"Training {what} at step {st.global_step} of {st.max_steps}. {how}")
 
     def _continue(self):
         "What a plain `train()` does after an interrupted run or `load_checkpoint`: continue from that checkpoint, and say so."
@@ -1034,12 +1133,17 @@ class Trainer:
             if grad_norm is not None: logs["grad_norm"] = float(grad_norm)
             logs["learning_rate"] = self._step_lr
             if skipped is not None: logs["skipped_steps"] = skipped
+            if self._tokens.active: logs.update(self._tokens.read(self._reduce_sum))
+            if (peak := peak_memory_mb(self.accelerator.device)) is not None: logs["peak_memory_mb"] = peak
+            if self._run_readouts: logs.update(self._run_readouts); self._run_readouts = None
             self._logged_steps = self.state.global_step
             self._tr_loss = torch.zeros_like(self._tr_loss)
             self.log(logs)
         if c.should_evaluate:
+            began = time.perf_counter()
             try: self.evaluate(ignore_keys=ignore_keys)
             except MetricError: self._stop_for_metrics()
+            self._tokens.pause(time.perf_counter() - began)  # tokens_per_second is training's
         pending = c.should_save and defer_save
         if c.should_save and not defer_save and self.state.global_step != self._saved_step:  # the last step is often also an epoch end
             self._save()
@@ -1099,26 +1203,25 @@ class Trainer:
             if not math.isfinite(loss) or skipped or not weights_finite(self.model):
                 raise self._non_finite(self._logged_steps + 1, st.global_step, loss)
         self._saved_step = st.global_step
+        if self._tokens.active: self._tokens.flush(self._reduce_sum)  # the checkpoint's num_tokens, over every process
+        began = time.perf_counter()
         try: self._fire("on_save")
         except CheckpointWriteError as e:
             e.strerror = (f"{e.strerror} Training stopped at step {st.global_step}; the model, optimizer and state in memory are "
                           "intact: trainer.save_model('another/folder') saves the weights, and trainer.train("
                           "resume_from_checkpoint=True) continues from the last complete checkpoint.")
             raise
+        self._tokens.pause(time.perf_counter() - began)
         if self.last_checkpoint is not None and self.last_checkpoint.name == f"checkpoint-{st.global_step}":
             self._good_checkpoint = self.last_checkpoint
 
     def _stop_for_metrics(self):
         "A metric failed during training: keep the progress in a checkpoint (when saving), so `train()` can continue."
         st, e = self.state, sys.exc_info()[1]
-        if self.args.output_dir and st.global_step != self._saved_step: self._save()
-        saved = self.last_checkpoint is not None and self.last_checkpoint.name == f"checkpoint-{st.global_step}"
-        if saved:
-            self._continue_from = (self.last_checkpoint, "the run")
-            kept = (f"Its state is saved in {self.last_checkpoint}: fix the metric (e.g. trainer.compute_metrics = ...), then "
-                    f"trainer.evaluate() evaluates step {st.global_step} and trainer.train() continues from there.")
-        else: kept = f"The model in memory holds the weights of step {st.global_step}; trainer.evaluate() runs the metrics again."
-        e.args = (f"{e.args[0]} Training stopped at step {st.global_step}. {kept}",)
+        e.args = (f"{e.args[0]} Training stopped at step {st.global_step}.",)
+        self._keep_progress(e, f"fix the metric (e.g. trainer.compute_metrics = ...), then trainer.evaluate() evaluates step "
+                               f"{st.global_step} and trainer.train() continues from there.",
+                            f"The model in memory holds the weights of step {st.global_step}; trainer.evaluate() runs the metrics again.")
         raise e
 
     def log(self, logs: dict, start_time: float | None = None):
@@ -1149,6 +1252,30 @@ class Trainer:
         found = tuple(batch[n] for n in names if n in batch)
         return found[0] if len(found) == 1 else (found or None)
 
+    def _metric_shift(self) -> tuple[bool, bool]:
+        """Whether streaming metrics, and then `preprocess_logits_for_metrics`, `compute_metrics` and `predict()`'s
+        predictions, get a causal LM's pairing (`shift_pair`): `args.shift_metric_labels`, or else the model decides,
+        unless those functions shift by themselves (transformers' run_clm does), which keep transformers' pairing."""
+        choice = self.args.shift_metric_labels
+        if choice is not None: return choice, choice
+        if not loss_shifts_labels(self.model): return False, False  # self.model is never wrapped (unwrap_model imports dynamo)
+        itself = [f for f in (self.compute_metrics, self.preprocess_logits_for_metrics) if shifts_itself(f)]
+        if itself and not getattr(self, "_shift_said", False):
+            self._shift_said = True
+            print(f"{getattr(itself[0], '__name__', 'compute_metrics')} shifts the labels itself: it gets them as transformers "
+                  "gives them, and streaming metrics get them shifted (TrainingArguments(shift_metric_labels=...) chooses).")
+        return True, not itself
+
+    def _metric_pairs(self, logits, labels, shift: tuple[bool, bool]) -> tuple[tuple, tuple]:
+        """`(logits, labels)` to keep for `compute_metrics` (through `preprocess_logits_for_metrics`), and
+        `(logits, labels, shift)` for `StreamingMetrics.update`: the batch as the model gave it, unless preprocessed."""
+        streams, keeps = shift
+        raw = (logits, labels, streams)  # a streaming metric with a prepare of its own shifts by itself
+        if keeps: logits, labels = shift_pair(logits, labels)
+        if self.preprocess_logits_for_metrics is None or logits is None: return (logits, labels), raw
+        logits = self.preprocess_logits_for_metrics(logits, labels)
+        return (logits, labels), (logits, labels, streams and not keeps)
+
     def evaluation_loop(self, dataloader, description: str, prediction_loss_only: bool | None = None,
                         ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval") -> EvalLoopOutput:
         "`prediction_step` over a DataLoader: the loss, streaming metrics, `compute_metrics`; predictions unless `prediction_loss_only`."
@@ -1169,6 +1296,7 @@ class Trainer:
         start = time.perf_counter()
         name = {"eval": "eval_dataset", "test": "test_dataset"}.get(prefix, f"{prefix} dataset")
         where = f"evaluation at step {self.state.global_step}" if prefix == "eval" else f"{prefix} prediction"
+        shift = self._metric_shift()
         batches, index = iter(dataloader), 0  # prepared by Accelerate: batches are already on the device
         try:
             while True:
@@ -1177,8 +1305,7 @@ class Trainer:
                 except Exception as e: raise batch_error(e, f"{where} (batch {loader_position(e, index)} of {name})") from e
                 try:
                     loss, logits, labels = self.prediction_step(model, batch, loss_only, ignore_keys=ignore_keys)
-                    if self.preprocess_logits_for_metrics is not None and logits is not None:
-                        logits = self.preprocess_logits_for_metrics(logits, labels)
+                    (logits, labels), streamed = self._metric_pairs(logits, labels, shift)
                 except _PASS_THROUGH: raise
                 except Exception as e: raise batch_error(e, f"{where} (batch {index} of {name})", batch) from e
                 index += 1
@@ -1187,7 +1314,8 @@ class Trainer:
                 n_seen += bs
                 labelled = labelled or labels is not None
                 if self.streaming.metrics and logits is not None and labels is not None:
-                    self.streaming.update(logits, labels, gather=acc.gather_for_metrics if acc.num_processes > 1 else None)
+                    self.streaming.update(*streamed[:2], gather=acc.gather_for_metrics if acc.num_processes > 1 else None,
+                                          shift=streamed[2])
                 if (kept is not None or batched) and logits is not None and acc.num_processes > 1:
                     logits, labels = acc.gather_for_metrics((logits, labels))
                 if kept is not None and logits is not None: kept.add(logits, labels)
@@ -1214,6 +1342,7 @@ class Trainer:
 
     def evaluate(self, eval_dataset=None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval") -> dict:
         "Evaluate on `eval_dataset` (or the trainer's): loss, streaming metrics and `compute_metrics`; a dict of datasets, each."
+        refuse_during(self._background, "evaluate")
         if eval_dataset is None and self._eval_dl: loaders = self._eval_dl  # during train(): prepared once
         else: loaders = self._eval_loaders(eval_dataset if eval_dataset is not None else self.eval_dataset)
         metrics = {}
@@ -1232,6 +1361,7 @@ class Trainer:
 
     def predict(self, test_dataset, ignore_keys: list[str] | None = None, metric_key_prefix: str = "test") -> PredictionOutput:
         "Predictions, labels (when present) and metrics for `test_dataset`."
+        refuse_during(self._background, "predict")
         dl = self.accelerator.prepare(self.get_test_dataloader(test_dataset))
         out = self.evaluation_loop(dl, description="Prediction", ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
         self._fire("on_predict", metrics=out.metrics)
@@ -1246,12 +1376,14 @@ class Trainer:
         "Whether this is the main process of this machine."
         return self.accelerator.is_local_main_process
 
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        "Save the model (and tokenizer) so that `from_pretrained(output_dir)` loads it."
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False, merged: bool = False):
+        """Save the model (and tokenizer) so that `from_pretrained(output_dir)` loads it. A PeftModel saves its adapter
+        (`PeftModel.from_pretrained(base, output_dir)`); with `merged=True`, the base with the adapter merged in (`AutoModel*`)."""
+        refuse_during(self._background, "save_model")
         output_dir = Path(output_dir or self.args.output_dir)
         if not self.accelerator.is_main_process: return
         try:
-            save_weights(self.model, output_dir)
+            save_weights(merged_copy(self.model) if merged and is_peft_model(self.model) else self.model, output_dir)
             if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
                 self.processing_class.save_pretrained(output_dir)
             (output_dir / "training_args.json").write_text(self.args.to_json_string())
@@ -1315,12 +1447,18 @@ class Trainer:
 
     @property
     def history(self):
-        "`state.log_history` as a pandas DataFrame, one row per log or evaluation."
+        "`state.log_history` as a pandas DataFrame, one row per log or evaluation (during a background run, a snapshot of complete rows)."
         import pandas as pd
-        return pd.DataFrame(self.state.log_history)
+        return pd.DataFrame(list(self.state.log_history))  # a copy first: the run may append a row meanwhile
 
     history_from = staticmethod(history_from)  # the same table from output_dir/log.jsonl, e.g. after a kernel restart
 
     def plot(self):
         "The loss and metric figure of the run so far."
         return plot_history(self.state.log_history)
+
+    def show(self):
+        "Display the notebook dashboard again in this cell (after a page reload, say): live during a run, the snapshot after."
+        boards = [cb for cb in self.callbacks if isinstance(cb, NotebookDashboard)]
+        if not boards: raise RuntimeError("show(): this trainer has no notebook dashboard (it has one in Jupyter unless disable_tqdm=True)")
+        boards[0].show()

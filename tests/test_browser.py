@@ -12,7 +12,13 @@ is skipped, except in CI (env CI set), where it fails instead.
 Screenshots: browser_<notebook>_live_first.png (the bar has just moved), browser_<notebook>_live.png (the
 last one taken while the cell still ran, one every LIVE_SHOT_EVERY s), browser_<notebook>_final.png.
 NOTEBOOK below (or the env NBTRAIN_BROWSER_NOTEBOOK) says which notebook: the probe, or the quick start.
+
+The tests of saved notebooks share one notebook run in the browser, saved mid-run, its kernel killed, and opened
+again untrusted: browser_midrun_live.png (the live dashboard, the finished snapshot of a continued run above it),
+browser_untrusted_{finished,interrupted,continued}.png and browser_midrun_reopened.png. All tests of the module share
+one JupyterLab server (with a fresh data dir: nothing is trusted that it did not see run) and one Chromium.
 """
+import contextlib
 import json
 import os
 import re
@@ -280,7 +286,39 @@ def _keep(path: Path, copies: list):
         copies.append(ARTIFACTS / path.name)
 
 
-def test_notebook_widgets_render_live_in_jupyterlab(tmp_path):
+@dataclass
+class Browser:
+    "One JupyterLab server and one Chromium for the module's tests (each starts in seconds, but seconds add up)."
+    lab: Lab
+    ctx: object
+    work: Path
+    shots: Path
+    copies: list
+    console: list
+
+    def page(self):
+        page = self.ctx.new_page()
+        page.on("console", lambda m: self.console.append(f"{m.type}: {m.text}") if m.type == "error" else None)
+        page.on("pageerror", lambda e: self.console.append(f"pageerror: {e}"))
+        page.set_default_timeout(60_000)
+        return page
+
+    @contextlib.contextmanager
+    def failure_report(self, page, name: str):
+        "On a failure: a screenshot, the server's log and the browser's errors."
+        try:
+            yield
+        except BaseException:
+            try:
+                _keep(_shot(page, self.shots / f"browser_{name}_failure.png"), self.copies)
+            except Exception:
+                pass
+            print("jupyter log tail:\n" + self.lab.tail(), "\nbrowser console errors:\n" + "\n".join(self.console[-30:]))
+            raise
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
     missing = _missing()
     if missing:
         msg = "browser test needs " + ", ".join(missing)
@@ -289,38 +327,37 @@ def test_notebook_widgets_render_live_in_jupyterlab(tmp_path):
         pytest.skip(msg)
     from playwright.sync_api import sync_playwright
 
-    case = CASES[NOTEBOOK]
-    work, home, shots = tmp_path / "work", tmp_path / "home", tmp_path / "screenshots"
+    root = tmp_path_factory.mktemp("browser")
+    work, home, shots = root / "work", root / "home", root / "screenshots"
     for d in (work, home, shots):
         d.mkdir()
-    name = f"browser_{NOTEBOOK}.ipynb"
-    live_i, n_cells = _write_notebook(case, work / name)
-    copies, console = [], []
     t0 = time.monotonic()
-    lab = Lab(work, home)
+    lab = Lab(work, home)  # a fresh Jupyter data dir: no notebook is trusted unless this server saw it run
+    pw = ctx = None
     try:
-        with sync_playwright() as pw:
-            ctx = pw.chromium.launch_persistent_context(
-                str(home / "chromium-profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
-                viewport={"width": 1400, "height": 1000})
-            try:
-                page = ctx.pages[0] if ctx.pages else ctx.new_page()
-                page.on("console", lambda m: console.append(f"{m.type}: {m.text}") if m.type == "error" else None)
-                page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
-                _run(page, lab, name, case, live_i, n_cells, shots, copies)
-            except BaseException:
-                try:
-                    _keep(_shot(page, shots / f"browser_{NOTEBOOK}_failure.png"), copies)
-                except Exception:
-                    pass
-                print("jupyter log tail:\n" + lab.tail(), "\nbrowser console errors:\n" + "\n".join(console[-30:]))
-                raise
-            finally:
-                ctx.close()
+        pw = sync_playwright().start()
+        ctx = pw.chromium.launch_persistent_context(
+            str(home / "chromium-profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
+            viewport={"width": 1400, "height": 1000})
+        b = Browser(lab, ctx, work, shots, [], [])
+        yield b
     finally:
+        if ctx is not None:
+            ctx.close()
+        if pw is not None:
+            pw.stop()
         lab.stop()
-    print(f"browser test ({NOTEBOOK}) took {time.monotonic() - t0:.1f} s; screenshots: "
-          + ", ".join(str(c) for c in copies))
+    print(f"\nbrowser tests took {time.monotonic() - t0:.1f} s; screenshots: " + ", ".join(str(c) for c in b.copies))
+
+
+def test_notebook_widgets_render_live_in_jupyterlab(browser):
+    case = CASES[NOTEBOOK]
+    name = f"browser_{NOTEBOOK}.ipynb"
+    live_i, n_cells = _write_notebook(case, browser.work / name)
+    page = browser.page()
+    with browser.failure_report(page, NOTEBOOK):
+        _run(page, browser.lab, name, case, live_i, n_cells, browser.shots, browser.copies)
+    page.close()
 
 
 def _wait_ready(page, n_cells: int, timeout: float = HANG_GUARD_S):
@@ -420,3 +457,169 @@ def _run(page, lab, name, case, live_i, n_cells, shots, copies):
     if case.source is None:
         assert st["bars"] == "100%", f"the probe's bar ended at {st['bars']}"
     print(f"progress bar widths seen while live ({len(seen)} states): {seen[:3]} ... {seen[-2:]}")
+
+
+# ---------------------------------------------------------------------------------------------- saved notebooks
+TESTS = Path(__file__).resolve().parent
+KERNEL_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+              "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+SETUP = (f"import sys, time, signal; sys.path.insert(0, {str(TESTS)!r})\nfrom tiny_train import make_trainer\n"
+         "from nbtrain import TrainerCallback\nfrom nbtrain.trainer import TrainingInterrupted\n"
+         "from nbtrain.dashboard import NotebookDashboard")
+# What sanitising removes: an inline SVG in HTML. Its absence on the page shows the notebook is shown untrusted.
+TRUST_PROBE = ("from IPython.display import HTML\n"
+               "HTML('<svg id=\"nbtrain-trust-probe\" width=\"12\" height=\"12\"><circle cx=\"6\" cy=\"6\" r=\"5\"/></svg>')")
+PRESS_INTERRUPT = """class PressInterrupt(TrainerCallback):
+    "What the kernel's interrupt button does (a SIGINT), once step `at` has ended."
+    def __init__(self, at): self.at = at
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.at: signal.raise_signal(signal.SIGINT)
+run = make_trainer(max_steps=120, eval_steps=40, logging_steps=10, output_dir='out', callbacks=[PressInterrupt(60)])
+try: run.train()
+except TrainingInterrupted as e: print(e)"""
+# the outputs of cell i: what the page shows there
+OUTPUTS_JS = """([i]) => {
+  const cell = document.querySelectorAll('.jp-NotebookPanel .jp-Notebook .jp-Cell')[i];
+  const outs = [...cell.querySelectorAll('.jp-OutputArea-output')];
+  const visible = e => !!(e.offsetWidth || e.offsetHeight || e.getClientRects().length);
+  const saved = [...cell.querySelectorAll('.jp-OutputArea-output div')]
+                  .find(d => d.firstChild && d.firstChild.textContent.startsWith('the dashboard as it was at step'));
+  const rowHeights = t => t ? [...t.querySelectorAll('tr')].slice(1).map(r => r.getBoundingClientRect().height) : [];
+  return {
+    text: outs.map(o => o.textContent).join('\\n'),
+    imgs: [...cell.querySelectorAll('.jp-OutputArea-output img')].filter(visible)
+            .map(im => [im.naturalWidth, im.naturalHeight, im.complete]),
+    svgs: cell.querySelectorAll('.jp-OutputArea-output svg').length,
+    progress: [...cell.querySelectorAll('.jp-OutputArea-output progress')].filter(visible).length,
+    tables: [...cell.querySelectorAll('.jp-OutputArea-output table')].filter(visible).length,
+    snapshotRows: rowHeights([...cell.querySelectorAll('.jp-RenderedHTML table')].filter(visible).pop()),
+    liveRows: rowHeights(cell.querySelector('.widget-html-content table')),
+    widgets: cell.querySelectorAll('.widget-hprogress').length,
+    saved: saved ? {shown: visible(saved), imgs: saved.querySelectorAll('img').length,
+                    progress: saved.querySelectorAll('progress').length, tables: saved.querySelectorAll('table').length} : null,
+  };
+}"""
+# the text an inline SVG figure leaves when a sanitiser drops its elements: titles, ticks and labels run together
+SVG_AS_TEXT = re.compile(r"step\s*train loss|train loss\s*eval loss|\d(?:step)?\s*accuracy\d")
+
+
+def _cell(page, i):
+    return page.locator(".jp-NotebookPanel .jp-Notebook .jp-Cell").nth(i)
+
+
+def _open(page, browser, name: str, n_cells: int):
+    page.goto(browser.lab.url(name), wait_until="domcontentloaded", timeout=120_000)
+    _wait_ready(page, n_cells)
+
+
+# One notebook serves both tests below (one kernel start, one page load, one reopening): three short runs (finished,
+# interrupted, continued) and a long one, run with Run All; saved mid-run; the kernel killed; the file opened again,
+# changed by one metadata field so that its signature no longer matches: the server shows it untrusted, as it shows a
+# clone or a notebook from another server (a probe cell's inline SVG shows that the HTML is sanitised).
+CELLS = [SETUP, TRUST_PROBE,
+         "trainer = make_trainer(max_steps=120, eval_steps=40, logging_steps=10)\ntrainer.train();",
+         PRESS_INTERRUPT, "run.train();",
+         "class Slow(TrainerCallback):\n    def on_step_end(self, args, state, control, **kwargs): time.sleep(0.02)\n"
+         "long = make_trainer(max_steps=100_000, eval_steps=20, logging_steps=10, disable_tqdm=True,\n"
+         "                    callbacks=[NotebookDashboard(save_every=2), Slow()])\n"
+         "long.train()"]
+LONG = len(CELLS) - 1
+
+
+@pytest.fixture(scope="module")
+def reopened(browser):
+    "The notebook above, run in the browser, saved mid-run, its kernel killed, and open again (untrusted): the page and what was seen live."
+    name, path = "reopened.ipynb", browser.work / "reopened.ipynb"
+    path.write_text(json.dumps({"cells": [{"id": f"c{i}", "cell_type": "code", "source": c, "metadata": {}, "outputs": [],
+                                            "execution_count": None} for i, c in enumerate(CELLS)],
+                                 "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+                                 "nbformat": 4, "nbformat_minor": 5}, indent=1))
+    page = browser.page()
+    with browser.failure_report(page, "reopened"):
+        _open(page, browser, name, len(CELLS))
+        page.locator(".lm-MenuBar-item", has_text=re.compile(r"^\s*Run\s*$")).click()
+        page.locator(".lm-Menu-item", has=page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^\s*Run All Cells\s*$"))).click()
+        # live: the widgets show and hide the saved view, which holds the figure once an evaluation has been drawn
+        deadline, live = time.monotonic() + HANG_GUARD_S, {}
+        while time.monotonic() < deadline:
+            live = page.evaluate(OUTPUTS_JS, [LONG])
+            if live["widgets"] and live["saved"] and live["saved"]["imgs"] and len(live["liveRows"]) >= 2:
+                break
+            time.sleep(POLL)
+        else:
+            raise AssertionError(f"the live dashboard and its saved view with a figure never showed (a hang guard): {live}")
+        _keep(_shot(page, browser.shots / "browser_midrun_live.png", _cell(page, LONG)), browser.copies)
+        page.locator(".jp-NotebookPanel .jp-Notebook").first.click()
+        page.keyboard.press("Control+s")  # what JupyterLab's autosave does every 120 s
+        deadline = time.monotonic() + 60
+        while "data:image/png;base64," not in json.dumps(json.loads(path.read_text())["cells"][LONG]["outputs"]):
+            assert time.monotonic() < deadline, "the notebook was not saved with the saved view (a hang guard)"
+            time.sleep(POLL)
+        page.close()
+    kernels = [p for p in _descendants(browser.lab.proc.pid) if "ipykernel" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
+    assert kernels, "no kernel process to kill"
+    for p in kernels:
+        os.kill(p, signal.SIGKILL)  # the kernel dies as of an out-of-memory kill: no goodbye
+    nb = json.loads(path.read_text())
+    nb["metadata"]["reopened"] = True  # its signature no longer matches: shown untrusted
+    path.write_text(json.dumps(nb, indent=1))
+
+    page = browser.page()
+    with browser.failure_report(page, "reopened"):
+        # no wait for the (restarted) kernel: what is checked is what the saved file shows
+        page.goto(browser.lab.url(name), wait_until="domcontentloaded", timeout=120_000)
+        page.wait_for_function(f"document.querySelectorAll('.jp-NotebookPanel .jp-Notebook .jp-Cell').length == {len(CELLS)}",
+                               timeout=HANG_GUARD_S * 1000)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the images decoded
+            states = [page.evaluate(OUTPUTS_JS, [i]) for i in range(2, len(CELLS))]
+            if all(st["imgs"] and all(im[2] and im[0] for im in st["imgs"]) for st in states):
+                break
+            time.sleep(POLL)
+        yield page, nb, live
+    page.close()
+
+
+def test_untrusted_notebook_shows_the_figures_as_images(browser, reopened):
+    """Opened untrusted, JupyterLab sanitises a notebook's HTML (an inline SVG goes): each dashboard snapshot's
+    figure still shows, as one image (a PNG output), nothing of it as text, and the bars and table with it."""
+    page, _, _ = reopened
+    probe = page.evaluate(OUTPUTS_JS, [1])
+    assert probe["svgs"] == 0, "the probe's inline SVG shows: the notebook is trusted, so this proves nothing"
+    seen = {}
+    for i, state in ((2, "finished"), (3, "interrupted"), (4, "continued")):
+        out = page.evaluate(OUTPUTS_JS, [i])
+        assert out["svgs"] == 0 and not SVG_AS_TEXT.search(out["text"]), f"{state}: a figure as SVG or its text: {out['text'][:800]}"
+        assert len(out["imgs"]) == 1, f"{state}: {len(out['imgs'])} images for one figure: {out['imgs']}"
+        w, h, complete = out["imgs"][0]
+        assert complete and w >= 300 and h >= 100, f"{state}: the figure did not decode: {out['imgs']}"
+        assert out["progress"] == 2 and out["tables"] == 1, f"{state}: bars or table missing: {out}"
+        seen[state] = out
+        _keep(_shot(page, browser.shots / f"browser_untrusted_{state}.png", _cell(page, i)), browser.copies)
+    assert "finished: 120 steps" in seen["finished"]["text"]
+    assert re.search(r"interrupted at step 60 of 120: run\.train\(\) continues from there", seen["interrupted"]["text"])
+    assert " left" not in seen["interrupted"]["text"]
+    assert "finished: 60 steps" in seen["continued"]["text"] and "(continued from step 60)" in seen["continued"]["text"]
+    print(f"\nuntrusted: probe SVG removed; per snapshot (image size, bars): "
+          f"{[(k, v['imgs'][0][:2], v['progress']) for k, v in seen.items()]}")
+
+
+def test_a_notebook_saved_mid_run_shows_the_run_without_its_kernel(browser, reopened):
+    """Saved (as autosave would) while it trains, its kernel killed, opened again: under the dead widget the saved view
+    of the dashboard shows the run as it was (bars, the whole table, the figure as a PNG image), not the error alone."""
+    page, nb, live = reopened
+    assert not live["saved"]["shown"], "the saved view showed beside the live widgets"
+    step = re.search(r"saved at step (\d+)", "".join("".join(o.get("data", {}).get("text/plain", ""))
+                                                      for o in nb["cells"][LONG]["outputs"]))
+    assert step, nb["cells"][LONG]["outputs"]
+    out = page.evaluate(OUTPUTS_JS, [LONG])
+    _keep(_shot(page, browser.shots / "browser_midrun_reopened.png", _cell(page, LONG)), browser.copies)
+    assert f"the dashboard as it was at step {step.group(1)}" in out["text"], out["text"][:800]
+    assert out["progress"] == 2 and out["tables"] == 1, out
+    assert len(out["imgs"]) == 1 and out["imgs"][0][0] >= 300, out["imgs"]
+    # the saved table's rows as tall as the live table's: the snapshot replaces the live view without a jump
+    assert out["snapshotRows"] and abs(out["snapshotRows"][0] - live["liveRows"][0]) <= 1, (live["liveRows"], out["snapshotRows"])
+    print(f"\nmid-run save at step {step.group(1)}: reopened without its kernel, the widget output says "
+          f"{[t for t in ('model not found', 'Loading widget') if t in out['text']]}; the saved view shows "
+          f"{out['progress']} bars, {out['tables']} table, image {out['imgs'][0][:2]}; table rows live {live['liveRows'][:2]} px, "
+          f"saved {out['snapshotRows'][:2]} px")

@@ -112,3 +112,21 @@ def test_interrupt_then_next_cell_continues_exactly(kernel, tmp_path):
     steps_after = [int(s) for s in re.findall(r"STEP (\d+)", out)]
     assert steps_after[0] == stopped_at + 1 and steps_after[-1] == MAX_STEPS, steps_after
     assert fingerprint_of(out) == (MAX_STEPS, straight), f"interrupted at step {stopped_at}: the weights differ"
+
+    # ten presses within a second, as a user does when nothing seems to happen: one clean stop at a step boundary,
+    # one checkpoint, and the next cell continues exactly (the presses that land during the stop's save change nothing)
+    presses = []
+    def burst(text):
+        steps = [int(s) for s in re.findall(r"STEP (\d+)", text)]
+        if not presses and steps and steps[-1] >= TARGET:
+            for _ in range(10):
+                km.interrupt_kernel(); presses.append(time.monotonic()); time.sleep(0.1)
+    out, err = run_cell(kc, f"SLOW_FROM = {TARGET}; tb = make_trainer('burst'); tb.train()", on_text=burst)
+    assert len(presses) == 10 and presses[-1] - presses[0] < 1.5, presses
+    assert err is not None and err[0] == "TrainingInterrupted", (err, out[-2000:])
+    stopped_at = int(re.search(r"interrupted at step (\d+)", err[1]).group(1))
+    assert [p.name for p in (tmp_path / "burst").glob("checkpoint-*")] == [f"checkpoint-{stopped_at}"]
+    assert (tmp_path / "burst" / f"checkpoint-{stopped_at}" / "COMPLETE").is_file()
+    out, err = run_cell(kc, "SLOW_FROM = None; tb.train(); fingerprint(tb)")
+    assert err is None, (err, out)
+    assert fingerprint_of(out) == (MAX_STEPS, straight), f"ten presses, stopped at step {stopped_at}: the weights differ"

@@ -7,6 +7,7 @@ the byte figures.
 """
 from __future__ import annotations
 
+import base64
 import html
 import json
 import math
@@ -128,11 +129,17 @@ def test_saved_notebook_holds_widget_state_and_static_snapshot(tmp_path):
     assert displays, outputs
     assert not any("application/vnd.jupyter.widget-view+json" in o.data for o in displays), \
         "a widget view is left in the saved outputs instead of the snapshot"
-    snap = displays[-1].data
-    assert "text/html" in snap and "image/svg+xml" in snap, sorted(snap)
-    assert snap["image/svg+xml"].startswith("<svg") and "<polyline" in snap["image/svg+xml"]
-    assert snap["image/svg+xml"] in snap["text/html"]  # the plot is also inside the HTML
+    # two outputs: the snapshot's HTML (bars, table) and the figure as a PNG of its own, which a front end that
+    # sanitises an untrusted notebook's HTML still shows; the figure is stored once (no SVG, no second copy)
+    assert len(displays) == 2, [sorted(o.data) for o in displays]
+    snap, figure = displays[0].data, displays[1].data
+    assert sorted(figure) == ["image/png", "text/plain"], sorted(figure)
+    assert base64.b64decode(figure["image/png"])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "text/html" in snap and not any("svg" in k for k in snap), sorted(snap)
+    assert "<svg" not in snap["text/html"] and "<img" not in snap["text/html"], "the figure is stored twice"
     assert "finished: 300 steps" in snap["text/html"] and "finished: 300 steps" in snap["text/plain"]
+    print(f"\nthe training cell's outputs in the saved notebook: {len(json.dumps(outputs)):,} B "
+          f"(snapshot HTML {len(snap['text/html']):,} B, figure PNG {len(figure['image/png']):,} B base64)")
 
     # the metrics table's values are those of log_history, as format_value writes them
     history = json.loads("".join(o.text for o in nb.cells[2].outputs if o.output_type == "stream"))
@@ -173,7 +180,9 @@ def test_iopub_bytes_bounded(traffic):
         opened = {m["content"]["comm_id"] for m in ms if m["msg_type"] == "comm_open"}
         closed = {m["content"]["comm_id"] for m in ms if m["msg_type"] == "comm_close"}
         assert opened and opened <= closed, f"{len(opened - closed)} comms left open"
-        assert [m["msg_type"] for m in ms].count("display_data") == 1  # one output area, updated in place
+        # two outputs, each updated in place: the dashboard (widgets, then the snapshot's HTML) and its saved view
+        # (hidden while the widgets show, then the figure)
+        assert [m["msg_type"] for m in ms].count("display_data") == 2
         # the bars moved during the run: step values sent live, before the snapshot replaced them
         steps = [m["content"]["data"]["state"]["value"] for m in state_updates(ms)
                  if isinstance(m["content"]["data"]["state"].get("value"), int)]
@@ -268,12 +277,16 @@ def test_interrupt_stops_at_a_step_with_consistent_state(kernel):
     assert "Training interrupted at step" in "\n".join(err["traceback"])
     assert (cwd / "interrupted" / f"checkpoint-{stopped}" / "COMPLETE").is_file()
 
-    # the same output area now holds the snapshot, and it says "interrupted"
+    # the same output area now holds the snapshot, and it says "interrupted", with no time "left", and how to go on
+    # under the name the notebook gives the trainer (`t`); the error message too
     updates = [m["content"]["data"] for m in msgs if m["msg_type"] == "update_display_data"]
     assert updates, [m["msg_type"] for m in msgs]
-    snap = updates[-1]
+    snap = [u for u in updates if "text/html" in u][-1]
     for mime in ("text/plain", "text/html"):
-        assert f"interrupted at step {stopped} of 3000" in snap[mime], snap[mime][:1000]
+        assert f"interrupted at step {stopped} of 3000: t.train() continues from there" in snap[mime], snap[mime][:1000]
+        assert " left" not in snap[mime], snap[mime][:1000]
+    assert "`t.train()` continues exactly from there" in err["evalue"], err["evalue"]
+    assert "image/png" in updates[-1], sorted(updates[-1])  # and the figure below it
     opened = {m["content"]["comm_id"] for m in msgs if m["msg_type"] == "comm_open"}
     closed = {m["content"]["comm_id"] for m in msgs if m["msg_type"] == "comm_close"}
     assert opened <= closed, f"{len(opened - closed)} comms left open after the interrupt"
@@ -362,20 +375,25 @@ trainer.compute_metrics = correlations
 trainer.train();
 print("NAN-RUN", trainer.state.global_step, json.dumps([[h["step"], h["eval_pearson"]] for h in trainer.state.log_history
                                                         if "eval_pearson" in h]))
+from nbtrain.dashboard import history_svg
+print("NAN-SVG", history_svg(trainer.state.log_history))  # the live figure's drawing of the run's history
 """
 
 
 def svg_panels(svg: str) -> dict[str, dict]:
     """The panels of the dashboard's SVG figure, by title: each panel's left edge (its frame's x) and its lines, by
-    label, as the [(x, y), ...] points drawn."""
+    label, as the [(x, y), ...] points drawn. A line's label is the legend entry of its colour, or the panel's title
+    when the panel has one line (and no legend)."""
     titles = list(re.finditer(r'<text [^>]*font-size="11">([^<]*)</text>', svg))
     panels = {}
     for t, nxt in zip(titles, titles[1:] + [None]):
         part = svg[t.end():nxt.start() if nxt else len(svg)]
+        title = html.unescape(t.group(1))
         frame = re.search(r'<rect x="([-\d.]+)"', part)
-        lines = {html.unescape(label): [tuple(float(v) for v in p.split(",")) for p in pts.split()]
-                 for pts, label in re.findall(r'<polyline points="([^"]*)"[^>]*/>(?:<circle[^>]*/>)*<text[^>]*>([^<]*)</text>', part)}
-        panels[html.unescape(t.group(1))] = {"x0": float(frame.group(1)) if frame else None, "lines": lines}
+        legend = {color: html.unescape(label) for color, label in re.findall(r'<text [^>]*fill="([^"]+)">([^<]*)</text>', part)}
+        lines = {legend.get(color, title): [tuple(float(v) for v in p.split(",")) for p in pts.split()]
+                 for pts, color in re.findall(r'<polyline points="([^"]*)" fill="none" stroke="([^"]+)"', part)}
+        panels[title] = {"x0": float(frame.group(1)) if frame else None, "lines": lines}
     return panels
 
 
@@ -388,10 +406,9 @@ def test_a_nan_metric_leaves_a_gap_not_an_error(kernel):
     logged = json.loads(m.group(1))
     assert [s for s, _ in logged] == [20, 40, 60] and math.isnan(logged[1][1]), logged  # the NaN is in log_history
 
-    snaps = [m["content"]["data"] for m in msgs if m["msg_type"] in ("display_data", "update_display_data")
-             and "image/svg+xml" in m["content"]["data"]]
-    assert snaps, "no snapshot figure"
-    panels = svg_panels(snaps[-1]["image/svg+xml"])
+    figures = [m["content"]["data"] for m in msgs if m["msg_type"] == "update_display_data" and "image/png" in m["content"]["data"]]
+    assert figures, "no snapshot figure"  # matplotlib drew the history with its NaN
+    panels = svg_panels(re.search(r"NAN-SVG (<svg.*</svg>)", out).group(1))
     # the metric's panel is drawn, its line through the two finite values only: step 40 is a gap, not a point at 0
     assert "pearson" in panels, f"no pearson panel in the figure: panels {sorted(panels)}"
     drawn = panels["pearson"]["lines"].get("pearson")
@@ -407,6 +424,7 @@ def test_a_nan_metric_leaves_a_gap_not_an_error(kernel):
     assert not panels.get("spearman", {}).get("lines"), panels.get("spearman")
 
     # the table shows the NaN as it is
+    snaps = [m["content"]["data"] for m in msgs if m["msg_type"] == "update_display_data" and "text/html" in m["content"]["data"]]
     header, body = table(snaps[-1]["text/html"])
     rows = [dict(zip(header, r)) for r in body]
     assert [(r["step"], r["eval_pearson"], r["eval_spearman"]) for r in rows] == \
@@ -443,3 +461,84 @@ def test_a_predict_during_the_run_does_not_freeze_the_bars(kernel):
     evaluating = next(i for i, (_, st) in enumerate(updates) if "evaluating" in str(st.get("value", "")))
     later = [st["value"] for cid, st in updates[evaluating:] if cid == step_bar and "value" in st]
     assert any(10 < v < 60 for v in later), f"the step bar did not move after the predict: {later}"
+
+
+# ---------------------------------------------------------------------------------------------- f. show() again, the saved view
+# A run in a thread, started from one cell (its display belongs to that cell, as a background run's would), so that
+# another cell can run during it: the only way a second cell runs while the kernel trains. From step 100 each step
+# pauses 10 ms, so the run is still going when the second cell calls show().
+SHOW_RUN = """
+import contextvars, threading
+from nbtrain.dashboard import NotebookDashboard
+class Slow(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= 100: time.sleep(0.01)
+board = NotebookDashboard(save_every=0.6)  # the saved view redrawn often, so this short run has a few
+bg = make_trainer(max_steps=400, eval_steps=50, logging_steps=25, disable_tqdm=True, callbacks=[board, Slow()])
+th = threading.Thread(target=contextvars.copy_context().run, args=(bg.train,), name="bg-train")
+th.start()
+while bg.state.global_step < 120: time.sleep(0.02)
+"""
+
+
+def all_messages_until_idle(kc, code: str, timeout: float = 120) -> tuple[list[dict], str]:
+    "Run `code`; every iopub message until its cell is idle, whichever cell each belongs to (a thread's too), and the id."
+    msg_id = kc.execute(code)
+    msgs, deadline = [], time.monotonic() + timeout
+    while True:
+        msg = kc.get_iopub_msg(timeout=max(1, deadline - time.monotonic()))
+        msgs.append(msg)
+        if (msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "status"
+                and msg["content"]["execution_state"] == "idle"): return msgs, msg_id
+
+
+def test_show_in_another_cell_gets_the_same_updates(kernel):
+    """`trainer.show()` in another cell during a run displays the same widget models again, so every update the run
+    sends reaches both views (an ipywidgets update message is addressed to a model, not a view), and the same saved
+    view (same display id); the saved view holds bars, the whole table and the figure as a PNG, and the widgets hide it."""
+    _, kc, _ = kernel
+    first, first_id = all_messages_until_idle(kc, SHOW_RUN)
+    assert not [m for m in first if m["msg_type"] == "error"], [m["content"] for m in first if m["msg_type"] == "error"]
+    shown, show_id = all_messages_until_idle(kc, "bg.show()\nprint('SHOWN AT', bg.state.global_step)")
+    rest, _ = all_messages_until_idle(kc, "th.join(); print('JOINED', bg.state.global_step)")
+    msgs = first + shown + rest
+
+    displays = [m for m in msgs if m["msg_type"] == "display_data"]
+    orig = [m for m in displays if m["parent_header"]["msg_id"] == first_id]
+    again = [m for m in displays if m["parent_header"]["msg_id"] == show_id]
+    assert len(orig) == 2 and len(again) == 2, [(m["parent_header"]["msg_id"], sorted(m["content"]["data"])) for m in displays]
+    view = "application/vnd.jupyter.widget-view+json"
+    box_id = orig[0]["content"]["data"][view]["model_id"]
+    assert again[0]["content"]["data"][view]["model_id"] == box_id, "show() displayed other widgets, not the run's"
+    assert [m["content"]["transient"]["display_id"] for m in again] == [m["content"]["transient"]["display_id"] for m in orig]
+    assert "IntProgress(" not in orig[0]["content"]["data"]["text/plain"]  # a line of text, not the widgets' repr
+
+    # the box's step bar, and its updates after show(): the views in both cells render that one model
+    opened = {m["content"]["comm_id"]: m["content"]["data"]["state"] for m in msgs if m["msg_type"] == "comm_open"}
+    assert box_id in opened
+    step_bar = next(cid for cid, st in opened.items() if st.get("description") == "step")
+    assert f"IPY_MODEL_{step_bar}" in opened[box_id]["children"]
+    shown_at = msgs.index(again[0])
+    later = [m["content"]["data"]["state"]["value"] for m in msgs[shown_at:] if m["msg_type"] == "comm_msg"
+             and m["content"]["comm_id"] == step_bar and "value" in m["content"]["data"].get("state", {})]
+    at = int(re.search(r"SHOWN AT (\d+)", "".join(m["content"].get("text", "") for m in shown)).group(1))
+    assert later and max(later) > at, f"no update of the step bar after show() at step {at}: {later}"
+    assert all(m["content"]["comm_id"] in opened for m in msgs[shown_at:] if m["msg_type"] == "comm_msg")
+
+    # the saved view: refreshed during the run under its display id, hidden by a style element in the widgets
+    saved_id = orig[1]["content"]["transient"]["display_id"]
+    saved = [m["content"]["data"] for m in msgs if m["msg_type"] == "update_display_data"
+             and m["content"]["transient"]["display_id"] == saved_id]
+    mid = [d for d in saved if "text/html" in d and "<img" in d["text/html"]]
+    assert mid, "the saved view was never redrawn with the figure during the run"
+    page = mid[-1]["text/html"]
+    css_class = re.search(r'<div class="(nbtrain-saved-[0-9a-f]+)">', page).group(1)
+    assert page.count("<progress") == 2 and "<table" in page and 'src="data:image/png;base64,' in page, page[:500]
+    hides = [m for m in msgs if m["msg_type"] in ("comm_open", "comm_msg") and
+             f"<style>.{css_class}{{display:none}}</style>" in str(m["content"]["data"].get("state", {}).get("value", ""))]
+    assert hides, "no widget hides the saved view while it shows"
+    # the run's end: the dashboard's display becomes the snapshot, the saved view the figure
+    ends = [m["content"]["data"] for m in msgs if m["msg_type"] == "update_display_data"]
+    assert "finished: 400 steps" in ends[-2]["text/html"] and "image/png" in ends[-1], [sorted(e) for e in ends[-2:]]
+    print(f"\nshow() at step {at}: {len(later)} step-bar updates after it, up to {max(later)}; saved view redrawn "
+          f"{len(mid)} times with the figure ({len(page):,} B the last)")
