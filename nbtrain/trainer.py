@@ -965,8 +965,9 @@ class Trainer:
         # the readouts (nbtrain.readouts): tokens counted on the device, parameters counted once, in the run's first log row
         self._tokens = TokenCounter(acc.device, seen=loop.get("num_tokens", 0) if loop else 0)
         self._reduce_sum = functools.partial(acc.reduce, reduction="sum") if world > 1 else None
-        self._run_readouts = parameter_readouts(self.model)
-        self.state.trainable_params, self.state.total_params = self._run_readouts["trainable_params"], self._run_readouts["total_params"]
+        counts = parameter_readouts(self.model)
+        self.state.trainable_params, self.state.total_params = counts["trainable_params"], counts["total_params"]
+        self._run_readouts = counts if folder is None else None  # a resumed run's history has them from its start
         self._step_lr = self.lr_scheduler.get_last_lr()[0]
         distributed = world > 1
         trainer = self

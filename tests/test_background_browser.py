@@ -6,9 +6,7 @@ saves a checkpoint and ends, and the widgets give way to the static snapshot. Sc
 in pytest's tmp dir and copied to tests/artifacts/ (ignored by git): browser_background_{paused,resumed,stopped}.png.
 
 Needs what test_browser.py needs (Debian's chromium, jupyterlab, playwright); skipped without them, failed in CI.
-It starts a JupyterLab of its own (about a minute on 2 cores), so it runs when asked for:
-
-    NBTRAIN_BROWSER_BACKGROUND=1 pytest -s tests/test_background_browser.py
+It starts a JupyterLab of its own (tens of seconds on 2 cores).
 """
 import json
 import os
@@ -49,8 +47,6 @@ def _wait(what: str, probe, timeout: float = HANG_GUARD_S, every: float = 0.25):
     raise AssertionError(f"{what}: not seen in {timeout:.0f} s (a hang guard); last: {last!r}")
 
 
-@pytest.mark.skipif(not os.environ.get("NBTRAIN_BROWSER_BACKGROUND"),
-                    reason="a JupyterLab of its own (about a minute): set NBTRAIN_BROWSER_BACKGROUND=1 to run it")
 def test_background_buttons_in_jupyterlab(tmp_path):
     missing = _missing()
     if missing:

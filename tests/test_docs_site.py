@@ -3,8 +3,8 @@
 The site is served by `http.server` on loopback, and every page is opened: it answers 200, nothing it loads fails
 and nothing is fetched from anywhere but this server (the pages must show offline), every internal link points to
 a page of the site and, when it has a `#fragment`, to an element with that id there; the sidebar of every page lists
-every page; every image has loaded. On the dashboard page, the saved snapshot shows: an inline SVG figure with its
-polylines drawn at a non-zero size, and the screenshots of the live dashboard as loaded images.
+every page; every image has loaded. On the dashboard page, the saved snapshots show: each figure a PNG image drawn at a
+non-zero size (no inline SVG, which sanitised pages strip), and the screenshots of the live dashboard as loaded images.
 
 Needs Debian's `chromium` (/usr/bin/chromium) and `playwright` (its wheel ships the driver; `playwright install`
 is never run). Without them the test is skipped, except in CI (env CI set), where it fails. Screenshots go to
@@ -129,17 +129,18 @@ def test_docs_site_pages_links_and_dashboard_snapshot(site):
                 if name == "index.html":
                     _keep(_shot(page, shots / "docs_index.png"), [])
 
-            # the dashboard page: the saved snapshot (inline SVG figure) and the live-dashboard screenshots
+            # the dashboard page: the saved snapshots (each figure a PNG image) and the live-dashboard screenshots
             dash = _nbpath2html(DASHBOARD_NB.relative_to(NBS)).as_posix()
             assert dash in pages, f"no page for {DASHBOARD_NB.name}"
             page.goto(base + dash, wait_until="load")
-            figures = page.evaluate("""() => Array.from(document.querySelectorAll('main svg')).filter(s => s.querySelector('polyline'))
-                .map(s => { const r = s.getBoundingClientRect();
-                            return {w: r.width, h: r.height, lines: s.querySelectorAll('polyline').length,
-                                    drawn: Array.from(s.querySelectorAll('polyline')).filter(p => p.getBBox().width > 0).length}; })""")
-            assert figures, f"{dash}: no inline <svg> with a <polyline> (the dashboard snapshot's figure)"
+            figures = page.evaluate("""() => Array.from(document.querySelectorAll('main img'))
+                .filter(i => !i.getAttribute('src').startsWith('images/'))
+                .map(i => { const r = i.getBoundingClientRect();
+                            return {w: r.width, h: r.height, loaded: i.complete && i.naturalWidth > 0}; })""")
+            assert figures, f"{dash}: no snapshot figure (an image beside the notebook's own pictures)"
+            assert not page.locator("main svg polyline").count(), f"{dash}: a figure is still inline SVG"
             for f in figures:
-                assert f["w"] > 0 and f["h"] > 0 and f["drawn"] > 0, f"{dash}: a snapshot figure is not drawn: {f}"
+                assert f["w"] > 0 and f["h"] > 0 and f["loaded"], f"{dash}: a snapshot figure is not drawn: {f}"
             wanted = re.findall(r"!\[[^\]]*\]\((images/[^)\s]+)\)", json.dumps(json.loads(DASHBOARD_NB.read_text())["cells"]))
             assert wanted, f"{DASHBOARD_NB.name} shows no images/ pictures any more: update this test"
             for src in wanted:
@@ -147,7 +148,7 @@ def test_docs_site_pages_links_and_dashboard_snapshot(site):
                 assert img.count() == 1, f"{dash}: no <img src={src!r}>"
                 img.scroll_into_view_if_needed()
                 assert img.evaluate("i => i.complete && i.naturalWidth > 0"), f"{dash}: {src} did not load"
-            page.locator("main svg polyline").first.scroll_into_view_if_needed()
+            page.locator("main img").last.scroll_into_view_if_needed()
             _keep(_shot(page, shots / "docs_dashboard.png"), [])
         finally:
             browser.close()

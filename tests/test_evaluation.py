@@ -111,7 +111,8 @@ def test_scalar_outputs_besides_the_loss_are_not_predictions():
     g = random.Random(0)
     ids = [[g.randrange(1, 50) for _ in range(8)] for _ in range(6)]
     out = Trainer(model, args()).predict([{"input_ids": i, "labels": i} for i in ids])
-    assert isinstance(out.predictions, np.ndarray) and out.predictions.shape == (6, 8, 50)
+    # a causal LM: predictions line up with the label each predicts (the next token), one position fewer
+    assert isinstance(out.predictions, np.ndarray) and out.predictions.shape == (6, 7, 50)
     assert np.isfinite(out.metrics["test_loss"])
 
 

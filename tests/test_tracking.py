@@ -44,7 +44,8 @@ def without_time(records: list[dict]) -> list[dict]:
 
 def values(records: list[dict]) -> list[dict]:
     "The records without what depends on the clock."
-    return [{k: v for k, v in r.items() if k != "time" and not k.endswith(("_runtime", "_per_second"))} for r in records]
+    return [{k: v for k, v in r.items() if k not in ("time", "peak_memory_mb") and not k.endswith(("_runtime", "_per_second"))}
+            for r in records]
 
 
 def loss_steps(records: list[dict]) -> list[int]:
@@ -256,7 +257,9 @@ def test_a_registered_tracker_gets_config_logs_in_order_and_the_end(tiny, tmp_pa
     assert recorder.calls[1][1]["learning_rate"] == 1e-2 and recorder.calls[1][1]["run_name"] == "rec"
     logs = [(c[1], sorted(c[2])) for c in recorder.calls if c[0] == "log"]
     assert [step for step, _ in logs] == [2, 4, 5, 6]  # in order, from the logging thread
-    assert logs[0][1] == ["train/epoch", "train/grad_norm", "train/learning_rate", "train/loss"]
+    readouts = ["train/num_tokens", "train/peak_memory_mb", "train/tokens_per_second", "train/total_params",
+                "train/trainable_params", "train/trainable_percent"]  # the first row of a run holds the parameter counts
+    assert logs[0][1] == sorted(["train/epoch", "train/grad_norm", "train/learning_rate", "train/loss"] + readouts)
     assert "eval/loss" in logs[2][1]
     assert trainer.accelerator.trackers == []
 

@@ -137,7 +137,11 @@ def test_wheel_contents_and_metadata(wheel):
         init = z.read("nbtrain/__init__.py").decode()
     assert re.search(rf'^__version__ = "{re.escape(version)}"$', init, re.M), "nbtrain.__version__ is not settings.ini's version"
 
-    runtime, dev = _names(settings["requirements"]), _names(settings["dev_requirements"])
+    runtime = _names(settings["requirements"])
+    # each `<extra>_requirements` of settings.ini is the extra nbtrain[<extra>] (dev, and the optional peft and qlora)
+    declared = {k.removesuffix("_requirements"): set(_names(v)) for k, v in settings.items()
+                if k.endswith("_requirements") and k != "requirements"}
+    assert "dev" in declared, declared
     unconditional, extras = {}, {}
     for line in re.findall(r"^Requires-Dist: (.+)$", meta, re.M):
         req = Requirement(line)
@@ -145,12 +149,12 @@ def test_wheel_contents_and_metadata(wheel):
         if req.marker is None:
             unconditional[name] = req
         else:
-            assert req.marker.evaluate({"extra": "dev"}) and not req.marker.evaluate({"extra": ""}), \
-                f"{line}: only the dev extra may add requirements"
-            extras[name] = req
+            which = [e for e in declared if req.marker.evaluate({"extra": e})]
+            assert which and not req.marker.evaluate({"extra": ""}), f"{line}: only settings.ini's extras may add requirements"
+            for e in which: extras.setdefault(e, set()).add(name)
     assert {n: str(r.specifier) for n, r in unconditional.items()} == {n: str(r.specifier) for n, r in runtime.items()}, \
         "the wheel's requirements are not settings.ini's `requirements`"
-    assert set(extras) == set(dev), "the dev extra is not settings.ini's `dev_requirements`"
+    assert extras == declared, "the wheel's extras are not settings.ini's `<extra>_requirements`"
     tooling = [t for t in DEV_TOOLS if t in unconditional]
     assert not tooling, f"notebook/test tooling required at run time: {tooling}"
 

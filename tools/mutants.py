@@ -48,7 +48,7 @@ MUTANTS = [
            ["tests/test_checkpoint_kernel.py::test_interrupt_then_next_cell_continues_exactly",
             "tests/test_dashboard_kernel.py::test_interrupt_stops_at_a_step_with_consistent_state"]),
     Mutant("snapshot-keeps-8-rows", "the final snapshot's metrics table keeps only the live table's last rows",
-           "nbtrain/dashboard.py", "table_html(table_rows(log_history))", "table_html(table_rows(log_history), last=8)",
+           "nbtrain/dashboard.py", "table_html(table_rows(log_history), last))", "table_html(table_rows(log_history), last or 8))",
            ["tests/test_dashboard_kernel.py::test_saved_notebook_holds_widget_state_and_static_snapshot"]),
     Mutant("nan-plotted-as-0", "a NaN metric is drawn as a point at 0 instead of a gap",
            "nbtrain/dashboard.py",
