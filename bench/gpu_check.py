@@ -4,7 +4,8 @@ Fine-tunes a small GPT-2 built from a config (GPT2LMHeadModel, 2 layers, n_embd 
 learnable random token data (arithmetic sequences modulo the vocabulary: each sequence has a random start and a
 random stride of 1-4, so the next token is predictable from the two before it) in fp32, fp16 and bf16, through
 `Trainer` in this process and through `launch(fn, model, num_processes=1, mixed_precision=...)` with plain
-arguments. For each run it checks that:
+arguments, each also as a background run (`trainer.train(background=True).wait()`: CUDA in a thread of this
+process; `launch(..., background=True).wait()`). For each run it checks that:
 
   - every logged loss is finite and the loss falls (the mean of the last quarter of the logged losses is under
     `--max-loss-ratio` times the mean of the first quarter);
@@ -16,7 +17,7 @@ It prints a Markdown table (tokens/s over the steps after a warm-up, timed with 
 and exits 1 if any run failed, 2 if there is no GPU (without `--cpu-smoke`). The `launch` runs go first: a
 `Trainer` in this process initialises CUDA, after which `launch` refuses to fork (as it must).
 
-    python bench/gpu_check.py                 # on a GPU machine: 6 runs, about a minute on an H100-class GPU
+    python bench/gpu_check.py                 # on a GPU machine: 12 runs, about two minutes on an H100-class GPU
     python bench/gpu_check.py --steps 400     # longer runs, steadier tokens/s
     python bench/gpu_check.py --cpu-smoke     # the same logic, tiny, on the CPU in fp32 and bf16 (tests use this)
 """
@@ -32,7 +33,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PRECISIONS = ("fp32", "fp16", "bf16")
-PATHS = ("launch", "trainer")
+PATHS = ("launch", "launch-bg", "trainer", "background")  # launch's first: a Trainer here initialises CUDA
+LABELS = {"launch": "launch(1)", "launch-bg": "launch(1), background", "trainer": "Trainer", "background": "Trainer, background"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-head", type=int, default=4)
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
     p.add_argument("--precisions", default=",".join(PRECISIONS), help="comma-separated, of fp32,fp16,bf16")
-    p.add_argument("--paths", default=",".join(PATHS), help="comma-separated, of launch,trainer")
+    p.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated, of {','.join(PATHS)}")
     p.add_argument("--max-loss-ratio", type=float, default=0.8,
                    help="the loss falls if mean(last quarter) < this x mean(first quarter) (default 0.8)")
     p.add_argument("--threads", type=int, default=0,
@@ -87,9 +89,10 @@ def make_model(a):
 
 
 # ---------------------------------------------------------------------------------------------- one run
-def train_run(model, a, precision_in_args: str) -> dict:
-    """Train `model` with nbtrain's Trainer and report what happened. Runs in this process (the Trainer path) or in
-    a child of `launch` (then `precision_in_args` is 'fp32' and the precision comes from launch)."""
+def train_run(model, a, precision_in_args: str, background: bool = False) -> dict:
+    """Train `model` with nbtrain's Trainer (in a thread with `background`) and report what happened. Runs in this
+    process (the Trainer paths) or in a child of `launch` (then `precision_in_args` is 'fp32' and the precision comes
+    from launch)."""
     import torch
     from nbtrain import Trainer, TrainerCallback, TrainingArguments
 
@@ -124,7 +127,7 @@ def train_run(model, a, precision_in_args: str) -> dict:
     data = make_data(min(a.steps * a.batch_size, 4096), a.seq_len, a.vocab)
     trainer = Trainer(model, args, train_dataset=data, callbacks=[Clock()])
     try:
-        out = trainer.train()
+        out = trainer.train(background=True).wait() if background else trainer.train()
     finally:
         hook.remove()
     acc = trainer.accelerator
@@ -166,17 +169,19 @@ def check(report: dict, precision: str, a, want_device: str) -> list[str]:
 def run_one(path: str, precision: str, a, want_device: str) -> dict:
     import torch
     from nbtrain import launch
-    row = {"path": "Trainer" if path == "trainer" else "launch(1)", "precision": precision}
+    row = {"path": LABELS[path], "precision": precision}
     t = time.perf_counter()
     try:
         model = make_model(a)  # on the CPU: building it does not initialise CUDA
         before = [p.detach().clone() for p in model.parameters()]
-        if path == "launch":
-            report = launch(train_run, model, a, "fp32", num_processes=1, mixed_precision={"fp32": "no"}.get(precision, precision))
+        if path.startswith("launch"):
+            report = launch(train_run, model, a, "fp32", num_processes=1, mixed_precision={"fp32": "no"}.get(precision, precision),
+                            background=path == "launch-bg")
+            if path == "launch-bg": report = report.wait()
         else:
-            report = train_run(model, a, precision)
+            report = train_run(model, a, precision, background=path == "background")
         problems = check(report, precision, a, want_device)
-        if path == "launch":
+        if path.startswith("launch"):
             params = [p.detach().cpu() for p in model.parameters()]
             if all(torch.equal(p, b) for p, b in zip(params, before)):
                 problems.append("the model passed to launch did not get the trained weights")
@@ -232,7 +237,7 @@ def main(argv=None) -> int:
     for path in [p for p in PATHS if p in a.paths]:  # launch first: the Trainer runs initialise CUDA here
         for precision in a.precisions:
             row = run_one(path, precision, a, want_device)
-            print(f"  {row['path']:<10} {precision}: {row['status']} ({row['wall_s']:.1f}s)", flush=True)
+            print(f"  {row['path']:<22} {precision}: {row['status']} ({row['wall_s']:.1f}s)", flush=True)
             rows.append(row)
     print()
     print(table(rows))

@@ -8,12 +8,13 @@ from __future__ import annotations
 import contextvars
 import sys
 import threading
+import time
 import traceback
 from concurrent.futures import Future
 from typing import Any, Callable
 
 # %% auto #0
-__all__ = ['RunActive', 'RunEnded', 'RunControl', 'Run', 'refuse_during']
+__all__ = ['RunActive', 'RunEnded', 'RunControl', 'Run', 'refuse_during', 'LaunchRequests']
 
 # %% ../nbs/05c_background.ipynb #2782fab7
 class RunActive(RuntimeError):
@@ -117,7 +118,8 @@ class RunControl:
 def _thread_setup() -> Callable[[], None]:
     "What a training thread must set itself (grad mode and the CUDA device are per thread), read in the calling thread."
     torch = sys.modules.get("torch")
-    device = torch.cuda.current_device() if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    # is_initialized only: is_available() would spoil CUDA for the processes a later `launch` forks from this one
+    device = torch.cuda.current_device() if torch is not None and torch.cuda.is_initialized() else None
     def setup():
         if torch is None: return
         torch.set_grad_enabled(True)
@@ -223,3 +225,142 @@ def refuse_during(run: Run | None, what: str):
     raise RunActive(f"trainer.{what}() while this trainer's background run is active ({run.status}, step {run.step}): the two "
                     "would race for the model. run.evaluate() / run.save() act at the run's next step boundary; run.pause() "
                     f"holds it; run.wait() or run.stop() ends it first, then trainer.{what}() works.")
+
+# %% ../nbs/05c_background.ipynb #23d6b79e
+_STEP = 2**32 - 1  # the step in `run * 2**32 + step`
+
+class LaunchRequests:
+    """What the notebook asks of a run under `launch` (stop, pause, save, evaluate), in shared memory, with the step at
+    which every rank serves it. `asks` holds the fields below; `steps`, `arrived`, `held`, `served` one value per rank."""
+    DUE, STOP_AT, STOP_HOW, HOLD_AT, TASK_AT, TASK_KIND, TASK_ID = range(7)
+    HOW = ("interrupt", "stop and save", "stop")  # what STOP_HOW's values mean
+    KINDS = ("save", "evaluate")
+
+    def __init__(self, asks, steps, arrived, held, served, rank: int | None = None, report: Callable | None = None):
+        self.asks, self.steps, self.arrived, self.held, self.served = asks, steps, arrived, held, served
+        self.rank, self.report = rank, report
+        self.run, self.served_id = 0, 0  # a rank's: its train() calls so far, the last task it served
+        self.task, self.result = None, None  # the notebook's: (id, kind, Future) of the task in flight, its answer
+        self.save_on_stop: bool | None = None  # a rank's: whether the stop it served saves
+
+    @classmethod
+    def create(cls, ctx, world: int) -> "LaunchRequests":
+        "The notebook's side, in `ctx`'s shared memory, for `world` ranks."
+        asks = ctx.Array("q", [-1, -1, 0, -1, -1, 0, 0], lock=False)
+        return cls(asks, *(ctx.Array("q", [v] * world, lock=False) for v in (0, -1, -1, 0)))
+
+    def for_rank(self, rank: int, report: Callable) -> "LaunchRequests":
+        "Rank `rank`'s side; `report` sends rank 0's task results to the notebook."
+        return LaunchRequests(self.asks, self.steps, self.arrived, self.held, self.served, rank, report)
+
+    # ---- a rank's side: after each step -----------------------------------------------------------
+    def begin(self, step: int):
+        "A `train()` starts (at `step` when resumed); rank 0 tells the notebook, after its dashboard's first event."
+        self.run += 1
+        self.steps[self.rank] = (self.run << 32) + step
+        if self.rank == 0: self.report(("begun", self.run))
+
+    def reached(self, step: int) -> bool:
+        "Whether anything is asked for at `step`, which is done; else record it. Shared memory only: no sync, no collective."
+        here = (self.run << 32) + step
+        if 0 <= self.asks[self.DUE] <= here: return True
+        self.steps[self.rank] = here  # after the check: this rank has gone past `here` (see `_together`)
+        return False
+
+    def _together(self, here: int) -> bool:
+        """Wait until every rank has arrived at `here` (True), or one has checked `here` without seeing the request and
+        gone on (False: every rank goes on, and they meet at the next step, where all of them see it)."""
+        self.arrived[self.rank] = here
+        self.steps[self.rank] = here  # after `arrived`: a rank whose step is `here` and has not arrived has gone past
+        while True:
+            steps, arrived = self.steps[:], self.arrived[:]  # in this order, the reverse of the writes
+            if all(a == here for a in arrived): return True
+            if any(s >= here and a != here for s, a in zip(steps, arrived)): return False
+            time.sleep(0.0002)
+
+    def serve(self, step: int, actions: dict[str, Callable]) -> str | None:
+        "At `step`: run the task asked for, hold while paused; how the run ends here (an entry of `HOW`), or None."
+        a, here = self.asks, (self.run << 32) + step
+        if not self._together(here): return None
+        while True:
+            hold = a[self.HOLD_AT]  # read before the rest: the notebook releases a hold only after what it asked under it
+            task_id = a[self.TASK_ID]
+            if task_id > self.served_id and 0 <= a[self.TASK_AT] <= here:
+                kind = self.KINDS[a[self.TASK_KIND]]
+                try: answer = (True, actions[kind]())
+                except Exception as e: answer = (False, e)
+                self.served_id = self.served[self.rank] = task_id
+                if self.rank == 0: self.report(("task", task_id, *answer))
+                continue
+            if 0 <= a[self.STOP_AT] <= here:
+                how = self.HOW[a[self.STOP_HOW]]
+                self.save_on_stop, self.held[self.rank] = how != "stop", -1
+                return how
+            if not 0 <= hold <= here:
+                self.held[self.rank] = -1
+                return None
+            self.held[self.rank] = here  # paused: wait here for a resume, a stop or a task
+            time.sleep(0.02)
+
+    # ---- the notebook's side ------------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        "The furthest rank's last step."
+        return max(self.steps[:]) & _STEP
+
+    def _target(self) -> int:
+        "Where every rank can still serve a new request: where they hold, else two steps ahead of the furthest rank."
+        hold = self.asks[self.HOLD_AT]
+        # one step ahead could race with a rank finishing its step
+        return hold if hold >= 0 else max(self.steps[:]) + 2
+
+    def _set(self, **fields):
+        "Write `fields`, then `due` (last: a rank reads `due` first)."
+        a = self.asks
+        for k, v in fields.items(): a[getattr(self, k)] = v
+        a[self.DUE] = min((t for t in (a[self.STOP_AT], a[self.HOLD_AT], a[self.TASK_AT]) if t >= 0), default=-1)
+
+    def stop(self, how: str = "interrupt"):
+        "End the run on every rank at one step: `how` is an entry of `HOW`. The first stop asked is the one served."
+        if self.asks[self.STOP_AT] < 0: self._set(STOP_HOW=self.HOW.index(how), STOP_AT=self._target())
+
+    @property
+    def stopping(self) -> bool: return self.asks[self.STOP_AT] >= 0
+
+    def follow(self, c: RunControl):
+        "Pass on what the notebook asked of `c` since the last call, and show the ranks' state in it (launch's thread)."
+        a = self.asks
+        with c._cond:
+            c.step = self.step
+            if c.stop_asked and not self.stopping: self.stop("stop and save" if c.save_on_stop else "stop")
+            if self.stopping: c.save_on_stop = self.HOW[a[self.STOP_HOW]] != "stop"  # the stop the ranks serve: the first
+            if self.task is not None and self.result is not None and min(self.served[:]) >= self.task[0]:
+                (ok, value), f = self.result, self.task[2]  # every rank has served it: it is done
+                if ok and self.task[1] == "save": c.saved = value
+                f.set_result(value) if ok else f.set_exception(value)
+                self.task = self.result = None
+                self._set(TASK_AT=-1)
+            if self.task is None and c._tasks and not self.stopping:
+                kind, f = c._tasks.pop(0)
+                if f.set_running_or_notify_cancel():
+                    self.task = (a[self.TASK_ID] + 1, kind, f)
+                    self._set(TASK_KIND=self.KINDS.index(kind), TASK_ID=self.task[0], TASK_AT=self._target())
+            if self.task is None:  # a hold changes between tasks only, so every rank serves a task asked under it
+                if c.paused and a[self.HOLD_AT] < 0: self._set(HOLD_AT=max(self.steps[:]) + 2)
+                elif not c.paused and a[self.HOLD_AT] >= 0: self._set(HOLD_AT=-1)
+            held = self.held[:]  # the step each rank holds at (-1: not holding)
+            c.held = a[self.HOLD_AT] >= 0 and held[0] >= 0 and all(h == held[0] for h in held)
+            c.status = ("stopping" if self.stopping else {"save": "saving", "evaluate": "evaluating"}[self.task[1]] if self.task
+                        else f"paused at step {held[0] & _STEP}" if c.held else "pausing" if c.paused else "running")
+            c._changed()
+
+    def answer(self, task_id: int, ok: bool, value):
+        "Rank 0's answer to a task (launch's thread): kept until every rank has served it."
+        if self.task is not None and self.task[0] == task_id: self.result = (ok, value)
+
+    def drop(self):
+        "The run has ended: the task in flight gets rank 0's answer, or `RunEnded` (`RunControl.close` fails the rest)."
+        if self.task is not None and not self.task[2].done():
+            (ok, value), f = self.result or (False, RunEnded(f"the run ended before it served the {self.task[1]}.")), self.task[2]
+            f.set_result(value) if ok else f.set_exception(value)
+        self.task = self.result = None

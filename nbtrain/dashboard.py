@@ -399,6 +399,7 @@ def train_call(trainer) -> str:
         from IPython import get_ipython
         ip = get_ipython()
         if ip is not None: names = [k for k, v in list(ip.user_ns.items()) if v is trainer and not k.startswith("_")]
+    if trainer is None: return "train(resume_from_checkpoint=True) in fn, launched again,"  # under launch: it lived in the children
     return f"{names[0]}.train()" if len(names) == 1 else "train() on this trainer"
 
 # %% ../nbs/05_dashboard.ipynb #93456bec
@@ -658,7 +659,8 @@ class RelayProgress(TrainerCallback):
         if not state.is_world_process_zero: return
         fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if history or f.name != "log_history"}
         self.channel.put(("event", event, json.dumps(fields), kw))
-    def on_train_begin(self, args, state, control, **kw): self._send("on_train_begin", state, history=True)
+    def on_train_begin(self, args, state, control, **kw):  # the output_dir: whether the dashboard offers Save now
+        self._send("on_train_begin", state, history=True, output_dir=getattr(args, "output_dir", None))
     def on_step_end(self, args, state, control, **kw):
         now = time.perf_counter()
         if now - self.last >= self.interval: self.last = now; self._send("on_step_end", state)
@@ -671,4 +673,6 @@ def default_progress() -> TrainerCallback:
     "The progress callback for where this runs: the notebook dashboard in Jupyter, console lines elsewhere."
     if _relay is not None: return RelayProgress(_relay)
     mode = display_mode()
+    # widgets are displayed from the main thread only (a background launch's later runs start in its relay thread)
+    if mode == "widgets" and threading.current_thread() is not threading.main_thread(): mode = "html"
     return ConsoleProgress() if mode == "console" else NotebookDashboard(mode)

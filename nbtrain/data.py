@@ -20,8 +20,9 @@ from torch.utils.data import DataLoader, Sampler
 __all__ = ['LABEL_ALIASES', 'PER_TOKEN', 'FAST_PATH_MAX_BYTES', 'FAST_PATH_COMPACT_BYTES', 'DataError', 'forward_arguments',
            'default_label_names', 'column_names', 'ColumnPlan', 'collate_tensors', 'seeded_random', 'Collator',
            'PaddingCollator', 'default_collator', 'trim_padding', 'is_dataset_dict', 'require_examples',
-           'check_examples', 'preflight_batch', 'NotFast', 'TensorBatches', 'tensor_batches', 'gather_batches',
-           'one_ahead', 'to_device_ahead', 'EpochSampler', 'example_lengths', 'make_dataloader']
+           'check_examples', 'preflight_batch', 'NotFast', 'CountedBatch', 'token_counts', 'TensorBatches',
+           'tensor_batches', 'gather_batches', 'one_ahead', 'to_device_ahead', 'EpochSampler', 'example_lengths',
+           'make_dataloader']
 
 # %% ../nbs/01_data.ipynb #53c8b21f
 class DataError(ValueError):
@@ -316,13 +317,34 @@ def _store(values: np.ndarray, lengths: np.ndarray | None, dtype: torch.dtype, p
     out[rows, torch.from_numpy(cols)] = flat
     return out
 
+class CountedBatch(dict):
+    "A fast-path batch, with its real tokens (`num_tokens`: not padding), counted on the host when it was gathered."
+    __slots__ = ("num_tokens",)
+    def with_values(self, values: dict) -> "CountedBatch":
+        "`values` (this batch moved, or cut) as a batch with this one's count."
+        out = CountedBatch(values)
+        out.num_tokens = self.num_tokens
+        return out
+
+def token_counts(columns: list[tuple]) -> list[int] | None:
+    """Each example's real tokens, as `nbtrain.readouts.TokenCounter` counts them in a batch: its attention mask's ones
+    where the mask has input_ids' shape, else, without a mask, its input_ids (None: the batch is counted as it comes)."""
+    stores = {c[0]: c[1] for c in columns}
+    ids, mask = stores.get("input_ids"), stores.get("attention_mask")
+    if ids is None: return None
+    if mask is not None and mask.shape == ids.shape: return mask.reshape(len(mask), -1).sum(1, dtype=torch.int64).tolist()
+    if mask is not None: return None  # a mask of another shape may trim the batch: the counter counts what is left
+    return [ids[0].numel() if len(ids) else 0] * len(ids)
+
 class TensorBatches(torch.utils.data.Dataset):
     """The columns a model takes, as tensors: a DataLoader gets each batch from `__getitems__` (a batch's indices) in one
-    gather, padded as the collator path pads it. `dataset` is the dataset they were made from."""
+    gather, padded as the collator path pads it, with its real tokens counted from `tokens` (a `CountedBatch`).
+    `dataset` is the dataset they were made from."""
     def __init__(self, dataset, columns: list[tuple], lengths: list[int] | None, multiple: int | None, left: bool,
                  trim: bool):
         self.dataset, self.columns, self.lengths, self.multiple, self.left, self.trim = dataset, columns, lengths, multiple, left, trim
         self.width = max((c[1].shape[1] for c in columns if c[2]), default=0)  # of the padded columns
+        self.tokens = token_counts(columns)  # per example: a batch's count is a sum of ints, no tensor op per step
     def __len__(self): return len(self.columns[0][1])
     @property
     def nbytes(self) -> int:
@@ -334,11 +356,13 @@ class TensorBatches(torch.utils.data.Dataset):
             n = max(map(self.lengths.__getitem__, indices))
             if self.multiple: n = -(-n // self.multiple) * self.multiple
             start = self.width - n if self.left else 0
-        batch = {}
+        batch = CountedBatch()
         for key, store, padded, dtype in self.columns:
             v = (store.narrow(1, start, n) if padded else store).index_select(0, idx)
             batch[key] = v if v.dtype is dtype else v.to(dtype)
-        return trim_padding(batch) if self.trim else batch
+        batch.num_tokens = sum(map(self.tokens.__getitem__, indices)) if self.tokens is not None else None
+        if self.trim and (cut := trim_padding(batch)) is not batch: return batch.with_values(cut)
+        return batch
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         "Example `i`, as one batch of one."
         return self.__getitems__([i])
@@ -441,7 +465,8 @@ def to_device_ahead(batches: Iterable[dict], device) -> Iterator[dict]:
     device = torch.device(device)
     if device.type == "cpu": return iter(batches)
     def tensors(batch: dict, move: Callable) -> dict:
-        return {k: move(v) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        moved = {k: move(v) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return batch.with_values(moved) if isinstance(batch, CountedBatch) else moved
     if device.type != "cuda": return one_ahead(iter(batches), lambda b: tensors(b, lambda v: v.to(device)), lambda b: b)
     copying, main = torch.cuda.Stream(device), torch.cuda.current_stream(device)
     def copy(batch: dict) -> dict:

@@ -15,13 +15,15 @@ import sys
 import time
 import traceback
 from multiprocessing.reduction import ForkingPickler
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import torch
 
 from .dashboard import default_progress, relay_to
 from .events import TrainerState
-from .trainer import ENV_PRECISION, InterruptFlag, LaunchStop, TrainingInterrupted, stop_with
+from .background import LaunchRequests, Run, RunActive, RunControl
+from .trainer import ENV_PRECISION, InterruptFlag, TrainingInterrupted, launched_with
 
 # %% auto #0
 __all__ = ['LaunchError', 'launch']
@@ -49,11 +51,17 @@ def _modules(args: tuple, kwargs: dict) -> list:
     "The arguments of `fn` whose trained weights come back: every `nn.Module`, positional or keyword."
     return [a if isinstance(a, torch.nn.Module) else None for a in (*args, *kwargs.values())]
 
+def _sendable(message: tuple) -> tuple:
+    "A task's answer as the queue can send it: an exception that cannot be pickled goes as its text."
+    try: ForkingPickler.dumps(message)
+    except Exception: return (*message[:2], False, RuntimeError(f"{message[3]!r} (sent as text: it cannot be pickled)"))
+    return message
+
 def _child(rank: int, world: int, port: int, precision: str, channel, received, fn: Callable, args: tuple, kwargs: dict,
-           parent: int, stop: LaunchStop):
+           parent: int, requests: LaunchRequests):
     _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the kernel interrupts the whole group: the parent says where to stop
-    stop_with(stop)
+    launched_with(requests.for_rank(rank, lambda message: channel.put(_sendable(message))))
     os.environ.update({"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), ENV_PRECISION: precision})
     cpu = not torch.cuda.is_available()
@@ -96,71 +104,120 @@ def _check_cuda_not_initialized():
                            "or torch.cuda was queried), and forked children cannot use it. Restart the kernel and keep every "
                            "GPU call inside the function you pass to launch: build the model and the Trainer there.")
 
-def launch(fn: Callable, *args, num_processes: int = 2, mixed_precision: str = "no", **kwargs) -> Any:
-    "Run `fn(*args, **kwargs)` on `num_processes` processes with data parallelism; returns rank 0's result."
+class _Launch:
+    """The children of one `launch`, and what the notebook's process does for them: relay rank 0's progress to the
+    dashboard, pass on what the notebook asks (`LaunchRequests`), collect the result and the trained weights."""
+    def __init__(self, fn: Callable, args: tuple, kwargs: dict, num_processes: int, mixed_precision: str):
+        ctx = mp.get_context("fork")  # functions defined in a notebook cannot be pickled for spawn
+        self.channel, self.received, self.n = ctx.Queue(), ctx.Event(), num_processes
+        self.requests = LaunchRequests.create(ctx, num_processes)
+        self.modules = _modules(args, kwargs)
+        port = _free_port()
+        self.procs = [ctx.Process(target=_child, args=(r, num_processes, port, mixed_precision, self.channel, self.received, fn,
+                                                       args, kwargs, os.getpid(), self.requests), daemon=True)
+                      for r in range(num_processes)]
+        for p in self.procs: p.start()
+        self.progress, self.state, self.run_args, self.result, self.weights = None, None, None, None, None
+        self.finished, self.running, self.begun = 0, False, False
+
+    def pump(self, until_begun: bool = False, control: RunControl | None = None, interrupt: InterruptFlag | None = None) -> bool:
+        """Relay the children's messages until every one is done (or, with `until_begun`, until a `train()` begins); whether
+        they are done. `control`: a background launch's requests; `interrupt`: the kernel's, in the foreground."""
+        give_up = None  # after a kernel interrupt: how long to wait for the children to stop and save
+        while self.finished < self.n and not (until_begun and self.begun):
+            if interrupt is not None and interrupt.requested and give_up is None:
+                self.requests.stop("interrupt")  # every rank stops at one step; rank 0 saves, and all report
+                give_up = time.monotonic() + 60
+            if control is not None: self.requests.follow(control)
+            try: msg = self.channel.get(timeout=0.1 if control is not None else 0.5)
+            except queue.Empty:
+                dead = [(r, p.exitcode) for r, p in enumerate(self.procs) if p.exitcode not in (None, 0)]
+                if dead: raise LaunchError(f"rank {dead[0][0]} exited with code {dead[0][1]} without reporting an error "
+                                           "(killed, or out of memory).")
+                if give_up is not None and time.monotonic() > give_up: raise KeyboardInterrupt  # fn is not training
+                continue
+            self._take(msg, control)
+        return self.finished == self.n
+
+    def _take(self, msg: tuple, control: RunControl | None):
+        kind = msg[0]
+        if kind == "event":
+            _, event, state_json, kw = msg
+            if event == "on_train_begin":
+                self.progress, self.state = default_progress(), TrainerState.from_json_string(state_json)
+                self.run_args = SimpleNamespace(output_dir=kw.pop("output_dir", None))  # what the dashboard reads of the args
+                if control is not None: kw["run_control"] = control  # a background launch's dashboard gets its buttons
+            elif self.state is None: return  # an evaluate() before train() in fn: nothing is drawn yet
+            else:  # in place: the dashboard's clock thread reads this object; the history grows one log at a time
+                known = {f for f in vars(self.state) if f != "log_history"}
+                for k, v in json.loads(state_json).items():
+                    if k in known: setattr(self.state, k, v)
+                if event == "on_log": self.state.log_history.append(kw["logs"])
+            getattr(self.progress, event)(self.run_args, self.state, None, **kw)
+            if event in ("on_train_begin", "on_train_end"): self.running = event == "on_train_begin"
+        elif kind == "task": self.requests.answer(*msg[1:])
+        elif kind == "begun": self.begun = True
+        elif kind == "error":
+            _, rank, text, tb = msg
+            if text.startswith("TrainingInterrupted:"):
+                if rank != 0: return  # rank 0's word says what was saved
+                raise TrainingInterrupted(text.split(": ", 1)[1] + " Under launch the Trainer lived in the child "
+                                          "processes: launch again with train(resume_from_checkpoint=True) in fn to continue.")
+            raise LaunchError(f"rank {rank} of {self.n} failed: {text}\n\n{tb}")
+        else:
+            self.finished += 1
+            if kind == "result": _, _, self.result, self.weights = msg
+
+    def end(self, failed: BaseException | None = None) -> Any:
+        "After `pump`: the children stopped, the dashboard ended, the trained weights in the modules passed; fn's result."
+        try:
+            if failed is None: self.received.set()
+            elif self.progress is not None and self.running:  # a run the children did not end themselves: the snapshot
+                self.progress.on_train_end(self.run_args, self.state, None, outcome="failed")
+        finally:
+            for p in self.procs:
+                p.join(timeout=5 if failed is None else 0.5)
+                if p.is_alive(): p.terminate(); p.join(timeout=5)
+                if p.is_alive(): p.kill(); p.join()
+            self.channel.close()
+        if failed is not None: raise failed
+        from safetensors.torch import load
+        for m, w in zip(self.modules, self.weights or []):
+            if w is not None: m.load_state_dict(load(w))
+        return self.result
+
+    def rest(self, control: RunControl) -> Any:
+        "A background launch's thread: the run to its end."
+        try: self.pump(control=control)
+        except BaseException as e: return self.end(failed=e)
+        finally: self.requests.drop()  # nobody waits forever for a task the run did not serve
+        return self.end()
+
+_active: Run | None = None  # the notebook's background launch, while it runs
+
+def launch(fn: Callable, *args, num_processes: int = 2, mixed_precision: str = "no", background: bool = False, **kwargs) -> Any:
+    """Run `fn(*args, **kwargs)` on `num_processes` processes with data parallelism; returns rank 0's result. With
+    `background=True`, returns a `Run` once training has begun (pause, save, evaluate, stop every rank at one step)."""
     if mixed_precision not in ("no", "fp16", "bf16"):
         raise ValueError(f"mixed_precision={mixed_precision!r}: use 'no', 'fp16' or 'bf16'.")
     if num_processes < 1: raise ValueError(f"num_processes={num_processes}: must be 1 or more.")
+    if _active is not None and _active.active:
+        raise RunActive(f"launch() while a background launch is active ({_active.status}, step {_active.step}): its processes "
+                        "would share the machine with the new ones. run.wait() or run.stop() ends it first.")
     _check_cuda_not_initialized()
     import torch._dynamo  # noqa: F401 -- the optimizer's first step imports it: once here, not once per child
-    ctx = mp.get_context("fork")  # functions defined in a notebook cannot be pickled for spawn
-    channel, received = ctx.Queue(), ctx.Event()
-    port = _free_port()
-    stop_at, steps = ctx.Value("q", -1, lock=False), ctx.Array("q", num_processes, lock=False)
-    procs = [ctx.Process(target=_child, args=(r, num_processes, port, mixed_precision, channel, received, fn, args, kwargs,
-                                              os.getpid(), LaunchStop(stop_at, steps, r)), daemon=True) for r in range(num_processes)]
-    for p in procs: p.start()
-    progress, state, result, weights, finished = None, None, None, None, 0
-    give_up, running = None, False  # give_up: after a kernel interrupt, how long to wait for the children to stop and save
+    job = _Launch(fn, args, kwargs, num_processes, mixed_precision)
+    control = RunControl() if background else None
     interrupt = InterruptFlag()  # a first interrupt is noted wherever it lands; a second one stops waiting at once
     try:
-        with interrupt.active():
-            while finished < num_processes:
-                if interrupt.requested and give_up is None:
-                    # every rank stops two steps ahead of the furthest one (one step ahead could race with a rank
-                    # finishing its step); rank 0 saves, and all report
-                    stop_at.value, give_up = max(steps[:]) + 2, time.monotonic() + 60
-                try: msg = channel.get(timeout=0.5)
-                except queue.Empty:
-                    dead = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
-                    if dead: raise LaunchError(f"rank {dead[0][0]} exited with code {dead[0][1]} without reporting an error "
-                                               "(killed, or out of memory).")
-                    if give_up is not None and time.monotonic() > give_up: raise KeyboardInterrupt  # fn is not training
-                    continue
-                kind = msg[0]
-                if kind == "event":
-                    _, event, state_json, kw = msg
-                    if event == "on_train_begin": progress, state = default_progress(), TrainerState.from_json_string(state_json)
-                    elif state is None: continue  # an evaluate() before train() in fn: nothing is drawn yet
-                    else:  # in place: the dashboard's clock thread reads this object; the history grows one log at a time
-                        known = {f for f in vars(state) if f != "log_history"}
-                        for k, v in json.loads(state_json).items():
-                            if k in known: setattr(state, k, v)
-                        if event == "on_log": state.log_history.append(kw["logs"])
-                    getattr(progress, event)(None, state, None, **kw)
-                    if event in ("on_train_begin", "on_train_end"): running = event == "on_train_begin"
-                elif kind == "error":
-                    _, rank, text, tb = msg
-                    if text.startswith("TrainingInterrupted:"):
-                        if rank != 0: continue  # rank 0's word says what was saved
-                        raise TrainingInterrupted(text.split(": ", 1)[1] + " Under launch the Trainer lived in the child "
-                                                  "processes: launch again with train(resume_from_checkpoint=True) in fn to continue.")
-                    raise LaunchError(f"rank {rank} of {num_processes} failed: {text}\n\n{tb}")
-                else:
-                    finished += 1
-                    if kind == "result": _, _, result, weights = msg
-        received.set()
-    except BaseException:
-        if progress is not None and running:  # a run the children did not end themselves: the snapshot, then the error
-            progress.on_train_end(None, state, None, outcome="failed")
-        raise
-    finally:
-        for p in procs:
-            p.join(timeout=5 if finished == num_processes else 0.5)
-            if p.is_alive(): p.terminate(); p.join(timeout=5)
-            if p.is_alive(): p.kill(); p.join()
-        channel.close()
-    from safetensors.torch import load
-    for m, w in zip(_modules(args, kwargs), weights or []):
-        if w is not None: m.load_state_dict(load(w))
-    return result
+        with interrupt.active(): done = job.pump(until_begun=background, control=control, interrupt=interrupt)
+    except BaseException as e: return job.end(failed=e)
+    if not background: return job.end()
+    return _start(job, control, done)
+
+def _start(job: _Launch, control: RunControl, done: bool) -> Run:
+    "The background launch's `Run`: its thread relays, passes requests on and ends the run (see the background notebook)."
+    global _active
+    _active = Run(lambda: job.end() if done else job.rest(control), control, step=lambda: job.requests.step,
+                  name="nbtrain-launch")
+    return _active.start()

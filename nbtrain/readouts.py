@@ -48,7 +48,7 @@ class TokenCounter:
         self.window = 0           # tokens since the last read, for tokens_per_second
         self.device = torch.device(device)
         self.pending = []         # this process's mask sums since the last flush: device scalars, added up when read
-        self.numel = 0            # this process's from input_ids without a mask: known without the device
+        self.host = 0             # this process's tokens known on the host: fast-path counts, input_ids without a mask
         self.active = False
         self.clock = time.perf_counter()
         self.count = self._first
@@ -56,21 +56,23 @@ class TokenCounter:
     def _first(self, batch: dict):
         "Decide from the first batch what to count, then count it."
         mask, ids = batch.get("attention_mask"), batch.get("input_ids")
-        self.count = (self._mask if isinstance(mask, torch.Tensor) and isinstance(ids, torch.Tensor) and mask.shape == ids.shape
+        self.count = (self._counted if getattr(batch, "num_tokens", None) is not None  # a fast-path batch counted itself
+                      else self._mask if isinstance(mask, torch.Tensor) and isinstance(ids, torch.Tensor) and mask.shape == ids.shape
                       else self._ids if isinstance(ids, torch.Tensor) else None)
         self.active = self.count is not None
         if self.active: self.count(batch)
 
     def _mask(self, batch: dict): self.pending.append(batch["attention_mask"].sum())  # one op: no in-place add per batch
-    def _ids(self, batch: dict): self.numel += batch["input_ids"].numel()
+    def _ids(self, batch: dict): self.host += batch["input_ids"].numel()
+    def _counted(self, batch): self.host += batch.num_tokens
 
     def flush(self, reduce=None):
         "Move the tokens counted since the last flush into `seen` (summed over processes with `reduce`); one sync."
-        new = torch.tensor(self.numel, dtype=torch.int64, device=self.device)
+        new = torch.tensor(self.host, dtype=torch.int64, device=self.device)
         if self.pending: new = new + torch.stack(self.pending).sum(dtype=torch.int64)
         if reduce is not None: new = reduce(new)
         n = int(new.item())
-        self.pending, self.numel = [], 0
+        self.pending, self.host = [], 0
         self.seen += n; self.window += n
 
     def pause(self, seconds: float):

@@ -30,7 +30,7 @@ from torch import nn
 from .adapters import (check_supported, enable_gradient_checkpointing, frozen_hint, is_peft_model, keep_4bit_trainable,
                               merged_copy, wrap_model)
 from .args import TrainingArguments
-from .background import Run, RunControl, refuse_during
+from .background import LaunchRequests, Run, RunControl, refuse_during
 from .checkpoint import (CheckpointCallback, CheckpointWriteError, RunLock, load_weights, os_error, read_loop_state,
                                 resolve_checkpoint, restore_training, save_weights)
 from .dashboard import NotebookDashboard, default_progress, plot_history, train_call
@@ -43,9 +43,9 @@ from .metrics import Accumulator, EvalPrediction, MetricError, StreamingMetrics,
 from .tracking import LogFileCallback, TrackerCallback, history_from, resolve_trackers
 
 # %% auto #0
-__all__ = ['ENV_PRECISION', 'TRAJECTORY_ARGS', 'LAUNCH_STOP', 'PATIENCE_S', 'TrainOutput', 'PredictionOutput', 'param_groups',
+__all__ = ['ENV_PRECISION', 'TRAJECTORY_ARGS', 'LAUNCH_REQUESTS', 'PATIENCE_S', 'TrainOutput', 'PredictionOutput', 'param_groups',
            'make_optimizer', 'make_scheduler', 'split_outputs', 'loss_shifts_labels', 'label_smoothed_loss',
-           'TrainingInterrupted', 'LaunchStop', 'stop_with', 'InterruptFlag', 'NonFiniteLossError', 'describe_batch',
+           'TrainingInterrupted', 'launched_with', 'InterruptFlag', 'NonFiniteLossError', 'describe_batch',
            'batch_error', 'weights_finite', 'ScalerWatch', 'NonFiniteGuard', 'loader_position', 'stop_loader_workers',
            'StopRequests', 'LossWeights', 'EvalLoopOutput', 'format_metrics', 'model_card', 'upload_folder', 'Trainer']
 
@@ -182,29 +182,12 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.message = message
     def _render_traceback_(self) -> list[str]: return [self.message]
 
-class LaunchStop:
-    """How `launch` stops every process at the same step after a kernel interrupt: the children ignore SIGINT, the parent
-    sets the point to stop at (`stop_at`), and each rank records where it is in `steps`, as `run * 2**32 + step`: `fn`
-    may call `train()` more than once, and an interrupt between two runs stops the next one at its first step."""
-    def __init__(self, stop_at, steps, rank: int): self.stop_at, self.steps, self.rank, self.run = stop_at, steps, rank, 0
+LAUNCH_REQUESTS: LaunchRequests | None = None
 
-    def begin(self, step: int):
-        "A `train()` starts (at `step` when resumed)."
-        self.run += 1
-        self.steps[self.rank] = (self.run << 32) + step
-
-    def reached(self, step: int) -> bool:
-        "Record that `step` is done; whether this rank stops here. Shared memory only: no sync, no collective."
-        self.steps[self.rank] = here = (self.run << 32) + step
-        target = self.stop_at.value
-        return 0 <= target <= here
-
-LAUNCH_STOP: LaunchStop | None = None
-
-def stop_with(stop: LaunchStop | None):
-    "Make this process's Trainers stop where `stop` says; `launch` calls it in each child."
-    global LAUNCH_STOP
-    LAUNCH_STOP = stop
+def launched_with(requests: LaunchRequests | None):
+    "Make this process's Trainers stop, hold and save where `requests` says (this rank's side); `launch` calls it in each child."
+    global LAUNCH_REQUESTS
+    LAUNCH_REQUESTS = requests
 
 PATIENCE_S = 3.0  # presses within this long of the first are one request; after it, a step that has not ended is stuck
 
@@ -219,8 +202,8 @@ class InterruptFlag:
 
     @contextlib.contextmanager
     def active(self):
-        # signals reach the main thread only; in a child of launch the parent decides when to stop (LaunchStop)
-        if threading.current_thread() is not threading.main_thread() or LAUNCH_STOP is not None: yield self; return
+        # signals reach the main thread only; in a child of launch the parent decides when to stop (LaunchRequests)
+        if threading.current_thread() is not threading.main_thread() or LAUNCH_REQUESTS is not None: yield self; return
         previous = signal.signal(signal.SIGINT, self._handler)
         try: yield self
         finally: signal.signal(signal.SIGINT, previous)
@@ -373,12 +356,15 @@ def stop_loader_workers(batches=None, error: BaseException | None = None):
 # a user's callback failing at these leaves the state of a finished step (after `on_step_end`, before the next one)
 _BETWEEN_STEPS = ("on_step_end", "on_log", "on_evaluate", "on_epoch_end", "on_epoch_begin", "on_step_begin")
 
+_CANNOT_SAVE = "run.save(): the trainer has no output_dir to save in; set TrainingArguments(output_dir=...) for the next run."
+
 class StopRequests:
-    """Every reason to end (or hold) a run before its last step, asked once per step: the kernel's interrupt, `launch`'s
-    stop, `control`, and what the notebook asks of a background run (`asked`: pause, save, evaluate, stop), which
-    `serve` — the trainer's own save and evaluate — answers at the step boundary."""
+    """Every reason to end (or hold) a run before its last step, asked once per step: the kernel's interrupt, what the
+    notebook asks of a background run (`asked`: pause, save, evaluate, stop) or, under `launch`, of every rank at one
+    step (`launched`: the interrupt's stop too), and `control`; `serve` — the trainer's own save and evaluate —
+    answers at the step boundary."""
     def __init__(self, max_steps: int, step: int, asked: RunControl | None = None, serve: dict | None = None):
-        self.max_steps, self.step, self.interrupt, self.launched = max_steps, step, InterruptFlag(), LAUNCH_STOP
+        self.max_steps, self.step, self.interrupt, self.launched = max_steps, step, InterruptFlag(), LAUNCH_REQUESTS
         self.asked, self.serve, self.stopped = asked, serve, False
         if self.launched is not None: self.launched.begin(step)
 
@@ -394,12 +380,15 @@ class StopRequests:
     @property
     def save(self) -> bool:
         "Whether ending early saves a checkpoint: always after an interrupt, as `run.stop(save=...)` says after a stop."
-        return not self.stopped or bool(self.asked.save_on_stop)
+        return not self.stopped or bool((self.asked or self.launched).save_on_stop)
 
     def after_step(self, step: int, control) -> bool:
         "Record that `step` is done; serve what a background run was asked (it may hold here); whether the epoch's loop ends here."
         self.step = step
-        if self.launched is not None and self.launched.reached(step): self.interrupt.requested = True
+        if self.launched is not None and self.launched.reached(step):
+            how = self.launched.serve(step, self.serve)
+            if how == "interrupt": self.interrupt.requested = True
+            elif how is not None: self.stopped = True
         if self.asked is not None and self.asked.pending: self.stopped = self.asked.serve(step, self.serve)
         return control.should_epoch_stop or control.should_training_stop or self.interrupted
 
@@ -840,9 +829,10 @@ class Trainer:
         """Train; `resume_from_checkpoint=True` (latest complete checkpoint) or a path continues a saved run exactly.
         `background=True` checks and prepares the run here, then trains in a thread and returns its `Run` at once."""
         refuse_during(self._background, "train")
-        if background and (LAUNCH_STOP is not None or self.accelerator.num_processes > 1):
-            raise ValueError("train(background=True) trains in a thread of this process, which launch's processes do not support "
-                             "yet; call trainer.train() in the launched function (the kernel's interrupt stops every rank).")
+        if background and (LAUNCH_REQUESTS is not None or self.accelerator.num_processes > 1):
+            raise ValueError("train(background=True) in a process of launch: there the run is already apart from the notebook. "
+                             "Call trainer.train() in the launched function, and launch(fn, ..., background=True) in the "
+                             "notebook: its Run pauses, saves and stops every rank at one step.")
         control = RunControl() if background else None
         # one run at a time writes into output_dir, from here to the run's end (see the checkpoint notebook)
         lock = RunLock(self.args.output_dir if self.accelerator.is_main_process else None).acquire()
@@ -891,14 +881,14 @@ class Trainer:
             with lock: return self._training_loop(run, ignore_keys_for_eval)
         self._background = Run(loop, control,
                                step=lambda: self.state.global_step,
-                               can_save=None if a.output_dir else "run.save(): the trainer has no output_dir to save in; set "
-                               "TrainingArguments(output_dir=...) for the next run.",
+                               can_save=None if a.output_dir else _CANNOT_SAVE,
                                can_evaluate=None if self.eval_dataset is not None else "run.evaluate(): the trainer has no "
                                "eval_dataset; pass Trainer(eval_dataset=...).")
         return self._background.start()
 
     def _save_now(self) -> Path:
         "A checkpoint of this step (`run.save()`, at a step boundary); its folder."
+        if not self.args.output_dir: raise ValueError(_CANNOT_SAVE)  # under launch: the notebook does not know the args
         if self.state.global_step != self._saved_step: self._save()
         return self.last_checkpoint
 

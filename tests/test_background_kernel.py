@@ -18,50 +18,10 @@ pytest.importorskip("jupyter_client")
 pytest.importorskip("ipywidgets")
 pytest.importorskip("torchmetrics")
 
-from kernel_session import running_kernel
+from kernel_session import session_with
 
 TESTS = Path(__file__).resolve().parent
 MAX_STEPS = 2000  # the Ticker's 2 ms sleep keeps the run under 500 steps/s: it is still going when stopped
-
-
-class Session:
-    "A kernel and every iopub message it sent, whichever cell it belongs to (a background thread's output comes late)."
-    def __init__(self, km, kc):
-        self.km, self.kc, self.msgs = km, kc, []
-
-    def run(self, code: str, timeout: float = 120) -> tuple[str, list[dict], float]:
-        "Run `code`; its msg_id, its own iopub messages until idle, and the seconds until its execute_reply."
-        msg_id = self.kc.execute(code)
-        start, deadline = time.monotonic(), time.monotonic() + timeout
-        reply_s = None
-        while reply_s is None:
-            reply = self.kc.get_shell_msg(timeout=max(1, deadline - time.monotonic()))
-            if reply["parent_header"].get("msg_id") == msg_id: reply_s = time.monotonic() - start
-        own = []
-        while True:
-            msg = self.kc.get_iopub_msg(timeout=max(1, deadline - time.monotonic()))
-            self.msgs.append(msg)
-            if msg["parent_header"].get("msg_id") != msg_id: continue
-            own.append(msg)
-            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle": return msg_id, own, reply_s
-
-    def ok(self, code: str, timeout: float = 120):
-        "Run `code`, check it raised nothing, and give what it printed last as JSON."
-        _, own, _ = self.run(code, timeout)
-        err = next((m["content"] for m in own if m["msg_type"] == "error"), None)
-        assert err is None, f"{err['ename']}: {err['evalue']}\n" + "\n".join(err["traceback"])[-3000:]
-        out = "".join(m["content"]["text"] for m in own if m["msg_type"] == "stream" and m["content"]["name"] == "stdout")
-        return json.loads(out.strip().splitlines()[-1]) if out.strip() else None
-
-    def drain(self, seconds: float = 0.5):
-        "Collect what arrives in `seconds` (a thread's last messages)."
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            try: self.msgs.append(self.kc.get_iopub_msg(timeout=0.1))
-            except Exception: pass
-
-    def of(self, msg_id: str, kind: str) -> list[dict]:
-        return [m for m in self.msgs if m["parent_header"].get("msg_id") == msg_id and m["msg_type"] == kind]
 
 
 SETUP = f"""
@@ -86,11 +46,7 @@ ARGS = dict(max_steps={MAX_STEPS}, eval_steps=1000, logging_steps=100, save_stra
 @pytest.fixture(scope="module")
 def session(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("background")
-    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)])}
-    with running_kernel(tmp, env=env) as (km, kc):
-        s = Session(km, kc)
-        s.ok(SETUP)
-        yield s, tmp
+    with session_with(tmp, SETUP) as s: yield s, tmp
 
 
 def test_background_run_pause_stop_continue(session):

@@ -91,6 +91,13 @@ def test_the_same_run_gives_bit_identical_weights_on_either_path(tmp_path, monke
         for k in fast[0]:
             assert torch.equal(weights[k], fast[0][k]), f"{name}: {k} differs from the fast run's"
     assert [h["loss"] for h in general[1]] == [h["loss"] for h in fast[1]]
+    # tokens seen: counted from the gather's host-side counts on the fast path, from the masks on the device on the
+    # general one; a resumed run goes on from its checkpoint's count. 12 steps make two epochs of the real tokens.
+    tokens = lambda log: [(h["step"], h["num_tokens"]) for h in log]
+    assert tokens(fast[1]) == tokens(general[1])
+    assert tokens(fast_resumed[1]) == tokens(fast[1])[-len(fast_resumed[1]):]
+    assert tokens(general_resumed[1]) == tokens(fast[1])[-len(general_resumed[1]):]
+    assert fast[1][-1]["step"] == 12 and fast[1][-1]["num_tokens"] == 2 * sum(map(len, tagging_dataset()["input_ids"]))
 
 
 @pytest.mark.parametrize("side", ["right", "left"])

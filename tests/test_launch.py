@@ -693,13 +693,13 @@ def test_gpu_check_help():
 
 
 def test_gpu_check_cpu_smoke():
-    "The script's logic on the CPU: fp32 and bf16, through Trainer and launch(num_processes=1), a table and exit 0."
+    "The script's logic on the CPU: fp32 and bf16, through Trainer and launch(num_processes=1), each also in the background; a table and exit 0."
     out = subprocess.run([sys.executable, str(GPU_CHECK), "--cpu-smoke"], capture_output=True, text=True, timeout=180,
                          env={**ENV, "CUDA_VISIBLE_DEVICES": ""}, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "tokens/s" not in line and "---" not in line]
     assert {(r.split("|")[1].strip(), r.split("|")[2].strip()) for r in rows} == \
-        {("Trainer", "fp32"), ("Trainer", "bf16"), ("launch(1)", "fp32"), ("launch(1)", "bf16")}, out.stdout
+        {(path, p) for path in ("Trainer", "Trainer, background", "launch(1)", "launch(1), background") for p in ("fp32", "bf16")}, out.stdout
     assert all("| ok |" in r for r in rows), out.stdout
 
 
