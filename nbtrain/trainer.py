@@ -533,6 +533,9 @@ class Trainer:
                  compute_loss_func: Callable | None = None, compute_metrics: Callable | None = None,
                  callbacks: list | None = None, optimizers: tuple = (None, None),
                  preprocess_logits_for_metrics: Callable | None = None, metrics: dict | None = None, peft_config=None):
+        # torch's optimizers import torch._dynamo when the first one is made (a second or two, once per process): taken
+        # here, so that train() starts at once, and train(background=True) returns at once
+        import torch._dynamo  # noqa: F401
         self.args = args if args is not None else TrainingArguments()
         if not isinstance(self.args, TrainingArguments):
             raise TypeError(f"args must be an nbtrain TrainingArguments, got {type(self.args).__module__}.{type(self.args).__name__}; "
