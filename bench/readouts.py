@@ -18,10 +18,12 @@ the best and the median round of each are printed.
     python bench/readouts.py --steps 600 --rounds 1   # quick check
 
 Instruction counts, which a shared machine does not disturb: the same run under callgrind at two lengths, the
-difference divided by the extra steps (set-up and imports cancel out), for each variant:
+difference divided by the extra steps (set-up and imports cancel out), for each variant. Fix the hash seed: with a
+random one, two runs of the same variant differed here by up to ~100k instructions per step (hashing changes code
+paths), more than what is measured.
 
     for v in as-built mask-sum no-count; do for n in 100 300; do
-      valgrind --tool=callgrind --callgrind-out-file=/dev/null python bench/readouts.py --one $v --steps $n 2>&1 | grep "Collected"
+      PYTHONHASHSEED=0 valgrind --tool=callgrind --callgrind-out-file=/dev/null python bench/readouts.py --one $v --steps $n 2>&1 | grep "Collected"
     done; done
 
 Target: `as built` costs no more per step than `no count`.
