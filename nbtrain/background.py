@@ -24,6 +24,7 @@ class RunEnded(RuntimeError):
     "The run ended before it could serve a request."
 
 _ENDED = ("finished", "stopped", "failed")
+_DOING = {"save": "saving", "evaluate": "evaluating"}  # the status while a task is served
 
 class RunControl:
     "Pause, resume, save, evaluate and stop requests for a background run, served by its thread at the next step boundary."
@@ -99,7 +100,7 @@ class RunControl:
                     continue
             for kind, f in tasks:
                 if not f.set_running_or_notify_cancel(): continue
-                self.status = {"save": "saving", "evaluate": "evaluating"}.get(kind, kind)
+                self.status = _DOING[kind]
                 try: result = actions[kind]()
                 except Exception as e: f.set_exception(e); continue  # the asker sees it; the run goes on
                 if kind == "save": self.saved = result
@@ -346,11 +347,11 @@ class LaunchRequests:
                     self.task = (a[self.TASK_ID] + 1, kind, f)
                     self._set(TASK_KIND=self.KINDS.index(kind), TASK_ID=self.task[0], TASK_AT=self._target())
             if self.task is None:  # a hold changes between tasks only, so every rank serves a task asked under it
-                if c.paused and a[self.HOLD_AT] < 0: self._set(HOLD_AT=max(self.steps[:]) + 2)
+                if c.paused and a[self.HOLD_AT] < 0: self._set(HOLD_AT=self._target())
                 elif not c.paused and a[self.HOLD_AT] >= 0: self._set(HOLD_AT=-1)
             held = self.held[:]  # the step each rank holds at (-1: not holding)
             c.held = a[self.HOLD_AT] >= 0 and held[0] >= 0 and all(h == held[0] for h in held)
-            c.status = ("stopping" if self.stopping else {"save": "saving", "evaluate": "evaluating"}[self.task[1]] if self.task
+            c.status = ("stopping" if self.stopping else _DOING[self.task[1]] if self.task
                         else f"paused at step {held[0] & _STEP}" if c.held else "pausing" if c.paused else "running")
             c._changed()
 

@@ -121,8 +121,8 @@ class _Launch:
         self.finished, self.running, self.begun = 0, False, False
 
     def pump(self, until_begun: bool = False, control: RunControl | None = None, interrupt: InterruptFlag | None = None) -> bool:
-        """Relay the children's messages until every one is done (or, with `until_begun`, until a `train()` begins); whether
-        they are done. `control`: a background launch's requests; `interrupt`: the kernel's, in the foreground."""
+        """Relay the children's messages until every one is done (or, with `until_begun`, until a `train()` begins).
+        `control`: a background launch's requests; `interrupt`: the kernel's, in the foreground."""
         give_up = None  # after a kernel interrupt: how long to wait for the children to stop and save
         while self.finished < self.n and not (until_begun and self.begun):
             if interrupt is not None and interrupt.requested and give_up is None:
@@ -137,7 +137,6 @@ class _Launch:
                 if give_up is not None and time.monotonic() > give_up: raise KeyboardInterrupt  # fn is not training
                 continue
             self._take(msg, control)
-        return self.finished == self.n
 
     def _take(self, msg: tuple, control: RunControl | None):
         kind = msg[0]
@@ -210,14 +209,14 @@ def launch(fn: Callable, *args, num_processes: int = 2, mixed_precision: str = "
     control = RunControl() if background else None
     interrupt = InterruptFlag()  # a first interrupt is noted wherever it lands; a second one stops waiting at once
     try:
-        with interrupt.active(): done = job.pump(until_begun=background, control=control, interrupt=interrupt)
+        with interrupt.active(): job.pump(until_begun=background, control=control, interrupt=interrupt)
     except BaseException as e: return job.end(failed=e)
     if not background: return job.end()
-    return _start(job, control, done)
+    return _start(job, control)
 
-def _start(job: _Launch, control: RunControl, done: bool) -> Run:
+def _start(job: _Launch, control: RunControl) -> Run:
     "The background launch's `Run`: its thread relays, passes requests on and ends the run (see the background notebook)."
     global _active
-    _active = Run(lambda: job.end() if done else job.rest(control), control, step=lambda: job.requests.step,
+    _active = Run(lambda: job.rest(control), control, step=lambda: job.requests.step,
                   name="nbtrain-launch")
     return _active.start()

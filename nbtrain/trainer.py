@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import datetime
 import functools
+import importlib
 import inspect
 import json
 import math
@@ -534,8 +535,8 @@ class Trainer:
                  callbacks: list | None = None, optimizers: tuple = (None, None),
                  preprocess_logits_for_metrics: Callable | None = None, metrics: dict | None = None, peft_config=None):
         # torch's optimizers import torch._dynamo when the first one is made (a second or two, once per process): taken
-        # here, so that train() starts at once, and train(background=True) returns at once
-        import torch._dynamo  # noqa: F401
+        # here by a trainer that will train, so that train() starts at once, and train(background=True) returns at once
+        if train_dataset is not None: importlib.import_module("torch._dynamo")  # not `import torch._dynamo`: `torch` stays global
         self.args = args if args is not None else TrainingArguments()
         if not isinstance(self.args, TrainingArguments):
             raise TypeError(f"args must be an nbtrain TrainingArguments, got {type(self.args).__module__}.{type(self.args).__name__}; "
