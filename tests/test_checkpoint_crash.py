@@ -74,6 +74,11 @@ def step_of(p: Path | None) -> int:
     return int(re.search(r"checkpoint-(\d+)", p.name).group(1)) if p is not None else 0
 
 
+def started_since(out: Path, pid: int, begun: list[str]) -> list[str]:
+    "The temporary folders of saves `pid` has begun that are not in `begun`."
+    return [p.name for p in sorted(out.glob(f".tmp-checkpoint-*-{pid}"), key=step_of) if p.name not in begun]
+
+
 def kill_during_a_save(out: Path, rng: random.Random) -> tuple[str, str]:
     "Start the run (resumed when there is a checkpoint), SIGKILL it `delay` after its 1st or 2nd save began; what it was doing."
     before = latest_checkpoint(out)
@@ -82,10 +87,13 @@ def kill_during_a_save(out: Path, rng: random.Random) -> tuple[str, str]:
     begun, moment, deadline = [], None, time.monotonic() + HANG_GUARD_S
     try:
         while time.monotonic() < deadline and proc.poll() is None and moment is None:
-            for p in out.glob(f".tmp-checkpoint-*-{proc.pid}") if out.is_dir() else []:
-                if p.name not in begun: begun.append(p.name)
+            if out.is_dir(): begun += started_since(out, proc.pid, begun)
             if len(begun) >= nth:
-                time.sleep(delay)
+                # wait out the delay, but no further than the start of the next save: a process killed by then has
+                # finished at most `nth` saves, so ten kills cannot reach the run's last step however fast saves are
+                until = time.monotonic() + delay
+                while time.monotonic() < until and not started_since(out, proc.pid, begun): time.sleep(0.001)
+                begun += started_since(out, proc.pid, begun)
                 tmp = out / begun[-1]
                 files = sorted(f.name for f in tmp.iterdir()) if tmp.is_dir() else None
                 os.kill(proc.pid, signal.SIGKILL)
