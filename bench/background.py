@@ -15,10 +15,11 @@ each is compared, and the median beside it.
 Target: a background step costs within 5% of a foreground one.
 
 Instruction counts, which a shared machine does not disturb: the same run under callgrind at two lengths, the
-difference divided by the extra steps (set-up and imports cancel out), for each mode:
+difference divided by the extra steps (set-up and imports cancel out), for each mode, with a fixed hash seed
+(a random one moves the count of the same run by up to ~100k instructions per step):
 
     for mode in foreground background; do for n in 200 700; do
-      valgrind --tool=callgrind --callgrind-out-file=/dev/null python bench/background.py --one $mode --steps $n 2>&1 | grep "Collected"
+      PYTHONHASHSEED=0 valgrind --tool=callgrind --callgrind-out-file=/dev/null python bench/background.py --one $mode --steps $n 2>&1 | grep "Collected"
     done; done
 """
 from __future__ import annotations

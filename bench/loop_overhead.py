@@ -21,11 +21,12 @@ shared machine disturb much less.
     python bench/loop_overhead.py --steps 300 --repeats 1    # quick check
 
 On a shared machine wall clock is noise; count instructions instead, which other processes do not change: run one
-variant under callgrind at two lengths with the same data, and divide the difference by the difference in steps,
-e.g. for nbtrain (and `--only limit` for the ready-tensor loop):
+variant under callgrind at two lengths with the same data and a fixed hash seed (a random one moves the count by up
+to ~100k instructions per step), and divide the difference by the difference in steps, e.g. for nbtrain (and
+`--only limit` for the ready-tensor loop):
 
-    valgrind --tool=callgrind --callgrind-out-file=/dev/null python bench/loop_overhead.py --only nbtrain --steps 40 --examples 1600
-    valgrind --tool=callgrind --callgrind-out-file=/dev/null python bench/loop_overhead.py --only nbtrain --steps 140 --examples 1600
+    PYTHONHASHSEED=0 valgrind --tool=callgrind --callgrind-out-file=/dev/null python bench/loop_overhead.py --only nbtrain --steps 40 --examples 1600
+    PYTHONHASHSEED=0 valgrind --tool=callgrind --callgrind-out-file=/dev/null python bench/loop_overhead.py --only nbtrain --steps 140 --examples 1600
 """
 from __future__ import annotations
 
