@@ -29,6 +29,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
@@ -51,6 +52,24 @@ class StepClock(TrainerCallback):
         return (self.t1[0] - self.t0[0]) / n, (self.t1[1] - self.t0[1]) / n
 
 
+def interleaved(run: Callable[[str], tuple[float, float]], names: Sequence[str], rounds: int) -> dict[str, list]:
+    "Each name's `run(name)` results over `rounds` rounds, the order reversed every other round (drift hits all alike)."
+    results = {name: [] for name in names}
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]): results[name].append(run(name))
+    return results
+
+
+def print_table(results: dict[str, list], what: str):
+    "The best and median (wall, thread CPU) per step of each entry of `results`, as a markdown table."
+    print(f"| {what} | best wall µs/step | median wall µs/step | best thread-CPU µs/step | median thread-CPU µs/step |")
+    print("|---|---|---|---|---|")
+    for name, rs in results.items():
+        walls, cpus = [w for w, _ in rs], [c for _, c in rs]
+        print(f"| {name} | {min(walls) * 1e6:.0f} | {statistics.median(walls) * 1e6:.0f} | {min(cpus) * 1e6:.0f} | "
+              f"{statistics.median(cpus) * 1e6:.0f} |")
+
+
 def one_run(background: bool, steps: int, skip: int) -> tuple[float, float]:
     "(wall s, thread CPU s) per step of one run."
     clock = StepClock(skip)
@@ -71,17 +90,9 @@ def main():
     torch.set_num_threads(1)
     if a.one: return print(a.one, one_run(a.one == "background", a.steps, min(a.skip, a.steps - 1)))
     one_run(False, 300, 100)  # warm-up: first-call imports and allocations
-    results = {"foreground": [], "background": []}
-    for r in range(a.rounds):
-        for mode in (("foreground", "background") if r % 2 == 0 else ("background", "foreground")):
-            results[mode].append(one_run(mode == "background", a.steps, a.skip))
+    results = interleaved(lambda mode: one_run(mode == "background", a.steps, a.skip), ("foreground", "background"), a.rounds)
     print(f"TinyNet, {a.steps} steps ({a.skip} skipped), {a.rounds} interleaved rounds; load average {os.getloadavg()[0]:.2f}\n")
-    print("| run | best wall µs/step | median wall µs/step | best thread-CPU µs/step | median thread-CPU µs/step |")
-    print("|---|---|---|---|---|")
-    for mode, rs in results.items():
-        walls, cpus = [w for w, _ in rs], [c for _, c in rs]
-        print(f"| {mode} | {min(walls) * 1e6:.0f} | {statistics.median(walls) * 1e6:.0f} | {min(cpus) * 1e6:.0f} | "
-              f"{statistics.median(cpus) * 1e6:.0f} |")
+    print_table(results, "run")
     fg, bg = results["foreground"], results["background"]
     ratio = lambda i, f: f(x[i] for x in bg) / f(x[i] for x in fg)
     print(f"\nbackground / foreground: best wall {ratio(0, min):.3f}, median wall {ratio(0, statistics.median):.3f}, "

@@ -33,9 +33,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import statistics
 import tempfile
-import time
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -44,7 +42,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch
 from torch import nn
 
-from background import StepClock  # this folder's background benchmark: the same clock
+from background import StepClock, interleaved, print_table  # this folder's background benchmark: the same clock and table
 from nbtrain import Trainer, TrainingArguments
 from nbtrain.data import TensorBatches
 from nbtrain.readouts import TokenCounter
@@ -117,18 +115,10 @@ def main():
     data = dataset_and_tokenizer()
     if a.one: return print(a.one, one_run(a.one, a.steps, min(a.skip, a.steps - 1), data))
     one_run("as-built", 300, 100, data)  # warm-up: first-call imports and allocations
-    results = {v: [] for v in VARIANTS}
-    for r in range(a.rounds):
-        for v in (VARIANTS if r % 2 == 0 else VARIANTS[::-1]):
-            results[v].append(one_run(v, a.steps, a.skip, data))
+    results = interleaved(lambda v: one_run(v, a.steps, a.skip, data), VARIANTS, a.rounds)
     print(f"bag of embeddings, batch 8 of 4-32 tokens, {a.steps} steps ({a.skip} skipped), {a.rounds} interleaved rounds; "
           f"load average {os.getloadavg()[0]:.2f}\n")
-    print("| token count | best wall µs/step | median wall µs/step | best thread-CPU µs/step | median thread-CPU µs/step |")
-    print("|---|---|---|---|---|")
-    for v, rs in results.items():
-        walls, cpus = [w for w, _ in rs], [c for _, c in rs]
-        print(f"| {v} | {min(walls) * 1e6:.0f} | {statistics.median(walls) * 1e6:.0f} | {min(cpus) * 1e6:.0f} | "
-              f"{statistics.median(cpus) * 1e6:.0f} |")
+    print_table(results, "token count")
 
 
 if __name__ == "__main__":

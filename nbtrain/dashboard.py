@@ -394,12 +394,12 @@ class Progress:
 
 def train_call(trainer) -> str:
     "How to continue: `name.train()` when exactly one name in the notebook holds `trainer`, else `train() on this trainer`."
+    if trainer is None: return "train(resume_from_checkpoint=True) in fn, launched again,"  # under launch: it lived in the children
     names = []
-    if trainer is not None and "IPython" in sys.modules:
+    if "IPython" in sys.modules:
         from IPython import get_ipython
         ip = get_ipython()
         if ip is not None: names = [k for k, v in list(ip.user_ns.items()) if v is trainer and not k.startswith("_")]
-    if trainer is None: return "train(resume_from_checkpoint=True) in fn, launched again,"  # under launch: it lived in the children
     return f"{names[0]}.train()" if len(names) == 1 else "train() on this trainer"
 
 # %% ../nbs/05_dashboard.ipynb #93456bec

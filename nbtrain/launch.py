@@ -120,7 +120,7 @@ class _Launch:
         self.progress, self.state, self.run_args, self.result, self.weights = None, None, None, None, None
         self.finished, self.running, self.begun = 0, False, False
 
-    def pump(self, until_begun: bool = False, control: RunControl | None = None, interrupt: InterruptFlag | None = None) -> bool:
+    def pump(self, until_begun: bool = False, control: RunControl | None = None, interrupt: InterruptFlag | None = None):
         """Relay the children's messages until every one is done (or, with `until_begun`, until a `train()` begins).
         `control`: a background launch's requests; `interrupt`: the kernel's, in the foreground."""
         give_up = None  # after a kernel interrupt: how long to wait for the children to stop and save
